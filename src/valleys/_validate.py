@@ -1,0 +1,91 @@
+"""Argument validation shared by the library (optimizers, schedules, diagnostics).
+
+Each check raises ``ValueError("Invalid <name>: <value> (<what is expected>)")`` so that a user
+sees in one line which argument is wrong and what range it must lie in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"Invalid {name}: {value!r} ({expected})")
+
+
+def real(name: str, value: Any) -> float:
+    """Return ``value`` as a float, rejecting bools, non-numbers, NaN and infinities."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:  # 0-d tensors and numpy scalars
+            value = float(value)
+        except (TypeError, ValueError):
+            _fail(name, value, "expected a real number")
+    value = float(value)
+    if not math.isfinite(value):
+        _fail(name, value, "must be finite")
+    return value
+
+
+def nonneg(name: str, value: Any) -> float:
+    """A finite real ``>= 0``."""
+    v = real(name, value)
+    if v < 0:
+        _fail(name, value, "must be >= 0")
+    return v
+
+
+def positive(name: str, value: Any) -> float:
+    """A finite real ``> 0``."""
+    v = real(name, value)
+    if v <= 0:
+        _fail(name, value, "must be > 0")
+    return v
+
+
+def interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real in the interval from ``low`` to ``high`` (closed unless told otherwise)."""
+    v = real(name, value)
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        _fail(name, value, f"must lie in {lo}{low}, {high}{hi}")
+    return v
+
+
+def count(name: str, value: Any, minimum: int = 0) -> int:
+    """An integer ``>= minimum`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            _fail(name, value, f"expected an integer >= {minimum}")
+    if value < minimum:
+        _fail(name, value, f"must be an integer >= {minimum}")
+    return int(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool."""
+    if not isinstance(value, bool):
+        _fail(name, value, "expected True or False")
+    return value
+
+
+def choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """One string out of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        _fail(name, value, "expected one of " + ", ".join(repr(c) for c in options))
+    return value
