@@ -6,6 +6,7 @@ sees in one line which argument is wrong and what range it must lie in.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -89,3 +90,14 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in options:
         _fail(name, value, "expected one of " + ", ".join(repr(c) for c in options))
     return value
+
+
+def unknown(what: str, value: Any, valid: Iterable[str]) -> ValueError:
+    """The error for a name that is not one of ``valid``, suggesting the closest one.
+
+    Returned (not raised) so callers can ``raise unknown(...) from None``.
+    """
+    options = [str(v) for v in valid]
+    close = difflib.get_close_matches(str(value), options, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ValueError(f"Unknown {what}: {value!r} ({hint}valid: {', '.join(options)})")
