@@ -18,12 +18,12 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 def real(name: str, value: Any) -> float:
     """Return ``value`` as a float, rejecting bools, non-numbers, NaN and infinities."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:  # 0-d tensors and numpy scalars
-            value = float(value)
-        except (TypeError, ValueError):
-            _fail(name, value, "expected a real number")
-    value = float(value)
+    if isinstance(value, (bool, str, bytes)):
+        _fail(name, value, "expected a real number")
+    try:  # ints, floats, numpy scalars and one-element tensors
+        value = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        _fail(name, value, "expected a real number")
     if not math.isfinite(value):
         _fail(name, value, "must be finite")
     return value
