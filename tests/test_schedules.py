@@ -299,7 +299,7 @@ def test_registry():
     assert S.get("knee") is S.knee
     with pytest.raises(ValueError, match=r"did you mean 'cosine'.*one_cycle"):
         S.get("cosin")
-    with pytest.raises(ValueError, match="Invalid schedule: 3"):
+    with pytest.raises(ValueError, match="Unknown schedule: 3"):
         S.get(3)
     for name, fn in S.SCHEDULES.items():  # one-step-per-call pure functions returning floats
         assert isinstance(fn(1, **EXAMPLES[name]), float)
@@ -482,7 +482,7 @@ def test_attach_validates_before_touching_the_optimizer():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
     with pytest.raises(ValueError, match="Invalid warmup_steps"):
         S.attach(opt, "cosine", total_steps=5, warmup_steps=6)
-    with pytest.raises(ValueError, match="Invalid schedule"):
+    with pytest.raises(ValueError, match="Unknown schedule"):
         S.attach(opt, "cosinus", total_steps=5)
     with pytest.raises(ValueError, match="Invalid step"):
         S.attach(opt, "cosine", total_steps=5, step=3)

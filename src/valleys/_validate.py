@@ -9,23 +9,24 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 
-def _fail(name: str, value: Any, expected: str) -> None:
+def fail(name: str, value: Any, expected: str) -> NoReturn:
+    """Raise the project's one-line ``ValueError`` for argument ``name``."""
     raise ValueError(f"Invalid {name}: {value!r} ({expected})")
 
 
 def real(name: str, value: Any) -> float:
     """Return ``value`` as a float, rejecting bools, non-numbers, NaN and infinities."""
     if isinstance(value, (bool, str, bytes)):
-        _fail(name, value, "expected a real number")
+        fail(name, value, "expected a real number")
     try:  # ints, floats, numpy scalars and one-element tensors
         value = float(value)
     except (TypeError, ValueError, RuntimeError):
-        _fail(name, value, "expected a real number")
+        fail(name, value, "expected a real number")
     if not math.isfinite(value):
-        _fail(name, value, "must be finite")
+        fail(name, value, "must be finite")
     return value
 
 
@@ -33,7 +34,7 @@ def nonneg(name: str, value: Any) -> float:
     """A finite real ``>= 0``."""
     v = real(name, value)
     if v < 0:
-        _fail(name, value, "must be >= 0")
+        fail(name, value, "must be >= 0")
     return v
 
 
@@ -41,7 +42,7 @@ def positive(name: str, value: Any) -> float:
     """A finite real ``> 0``."""
     v = real(name, value)
     if v <= 0:
-        _fail(name, value, "must be > 0")
+        fail(name, value, "must be > 0")
     return v
 
 
@@ -61,7 +62,7 @@ def interval(
     if below or above:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        _fail(name, value, f"must lie in {lo}{low}, {high}{hi}")
+        fail(name, value, f"must lie in {lo}{low}, {high}{hi}")
     return v
 
 
@@ -71,16 +72,16 @@ def count(name: str, value: Any, minimum: int = 0) -> int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            _fail(name, value, f"expected an integer >= {minimum}")
+            fail(name, value, f"expected an integer >= {minimum}")
     if value < minimum:
-        _fail(name, value, f"must be an integer >= {minimum}")
+        fail(name, value, f"must be an integer >= {minimum}")
     return int(value)
 
 
 def flag(name: str, value: Any) -> bool:
     """A bool."""
     if not isinstance(value, bool):
-        _fail(name, value, "expected True or False")
+        fail(name, value, "expected True or False")
     return value
 
 
@@ -88,7 +89,7 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """One string out of ``choices``."""
     options = tuple(choices)
     if value not in options:
-        _fail(name, value, "expected one of " + ", ".join(repr(c) for c in options))
+        fail(name, value, "expected one of " + ", ".join(repr(c) for c in options))
     return value
 
 

@@ -40,12 +40,11 @@ lr ratios are kept.
 from __future__ import annotations
 
 import bisect
-import difflib
 import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -89,29 +88,25 @@ def scope(step: int, scope: float, scope_growth: float) -> float:
 # validation helpers
 
 
-def _fail(name: str, value: Any, expected: str) -> NoReturn:
-    raise ValueError(f"Invalid {name}: {value!r} ({expected})")
-
-
 def _step(step: Any) -> float:
-    if isinstance(step, (bool, str, bytes)):  # check.real would convert these
-        _fail("step", step, "expected a real number >= 1")
     s = check.real("step", step)
     if s < 1:
-        _fail("step", step, "must be >= 1: steps are 1-based, step 1 is the first optimizer.step()")
+        check.fail(
+            "step", step, "must be >= 1: steps are 1-based, step 1 is the first optimizer.step()"
+        )
     return s
 
 
 def _warmup(warmup_steps: Any, total_steps: int) -> int:
     w = check.count("warmup_steps", warmup_steps)
     if w > total_steps:
-        _fail("warmup_steps", warmup_steps, f"must be <= total_steps = {total_steps}")
+        check.fail("warmup_steps", warmup_steps, f"must be <= total_steps = {total_steps}")
     return w
 
 
 def _reals(name: str, values: Any) -> list[float]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        _fail(name, values, "expected a list of real numbers")
+        check.fail(name, values, "expected a list of real numbers")
     return [check.real(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
@@ -148,7 +143,7 @@ def knee(
     w = check.count("warmup_steps", warmup_steps)
     e = check.count("explore_steps", explore_steps)
     if w + e > total:
-        _fail(
+        check.fail(
             "warmup_steps + explore_steps",
             w + e,
             f"must be <= total_steps = {total}; got warmup_steps={w}, explore_steps={e}",
@@ -204,13 +199,13 @@ def piecewise(
     v = _reals("values", values)
     spu = check.positive("steps_per_unit", steps_per_unit)
     if len(v) != len(b) + 1:
-        _fail("values", list(values), f"expected len(boundaries) + 1 = {len(b) + 1} values")
+        check.fail("values", list(values), f"expected len(boundaries) + 1 = {len(b) + 1} values")
     if any(x < 0 for x in v):
-        _fail("values", list(values), "every value must be >= 0")
+        check.fail("values", list(values), "every value must be >= 0")
     if b and b[0] <= 0:
-        _fail("boundaries", list(boundaries), "must be > 0")
+        check.fail("boundaries", list(boundaries), "must be > 0")
     if any(b1 <= b0 for b0, b1 in itertools.pairwise(b)):
-        _fail("boundaries", list(boundaries), "must be strictly increasing")
+        check.fail("boundaries", list(boundaries), "must be strictly increasing")
     return v[bisect.bisect_left([x * spu for x in b], s)]
 
 
@@ -399,12 +394,7 @@ def get(name: str) -> Schedule:
     """The schedule registered as ``name``; ``ValueError`` naming the valid ones otherwise."""
     if isinstance(name, str) and name in SCHEDULES:
         return SCHEDULES[name]
-    hint = ""
-    if isinstance(name, str):
-        close = difflib.get_close_matches(name, names(), n=1)
-        if close:
-            hint = f"did you mean {close[0]!r}? "
-    _fail("schedule", name, hint + "expected one of " + ", ".join(names()))
+    raise check.unknown("schedule", name, names())
 
 
 def _resolve(schedule: str | Schedule) -> tuple[str | None, Schedule]:
@@ -412,7 +402,7 @@ def _resolve(schedule: str | Schedule) -> tuple[str | None, Schedule]:
     if isinstance(schedule, str):
         return schedule, get(schedule)
     if not callable(schedule):
-        _fail("schedule", schedule, "expected a schedule name or a callable")
+        check.fail("schedule", schedule, "expected a schedule name or a callable")
     for key, fn in SCHEDULES.items():
         if fn is schedule:
             return key, fn
@@ -482,7 +472,7 @@ def _relative(
     else:
         return kwargs, 1.0
     if ref <= 0:
-        _fail(what, ref, "must be > 0 to use the schedule as a factor of each group's lr")
+        check.fail(what, ref, "must be > 0 to use the schedule as a factor of each group's lr")
     return kwargs, ref
 
 
@@ -554,6 +544,8 @@ def attach(
     """
     name, fn = _resolve(schedule)
     if "step" in kwargs:
-        _fail("step", kwargs["step"], "attach takes hyperparameters only; LambdaLR counts steps")
+        check.fail(
+            "step", kwargs["step"], "attach takes hyperparameters only; LambdaLR counts steps"
+        )
     kwargs, ref = _relative(name, fn, {k: _plain(v) for k, v in kwargs.items()})
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(name, fn, kwargs, ref))
