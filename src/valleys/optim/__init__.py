@@ -1,0 +1,103 @@
+"""Optimizers and their registry.
+
+valleys' own optimizers (``EntropySGD``, ``VSGD``) sit next to torch's SGD, Nesterov, Adam and
+AdamW under one lookup, so that a name and a dict of hyperparameters (from a config file or the
+command line) build any of them::
+
+    opt = valleys.optim.get("entropy_sgd", model.parameters(), lr=1.0, langevin_steps=20)
+
+Every entry follows torch.optim's conventions; the ones marked ``needs_closure`` call the
+closure several times per step (see each class for how many and on which batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from valleys import _validate as check
+from valleys.optim.entropy_sgd import EntropySGD
+from valleys.optim.vsgd import VSGD
+
+__all__ = ["VSGD", "EntropySGD", "OptimizerSpec", "get", "names", "spec"]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registry entry.
+
+    ``cls`` is the optimizer class; ``preset`` holds hyperparameters that define the entry on
+    top of the class defaults (``nesterov`` is torch's SGD with ``momentum=0.9,
+    nesterov=True``); ``needs_closure`` says whether ``step`` must be given a closure.
+    """
+
+    name: str
+    cls: type[torch.optim.Optimizer]
+    summary: str
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    needs_closure: bool = False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every hyperparameter this entry accepts with its default (preset applied)."""
+        params = inspect.signature(self.cls.__init__).parameters
+        out = {
+            k: p.default
+            for k, p in params.items()
+            if k not in ("self", "params") and p.kind is not p.VAR_KEYWORD
+        }
+        out.update(self.preset)
+        return out
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("sgd", torch.optim.SGD, "SGD, optionally with heavy-ball momentum"),
+        OptimizerSpec(
+            "nesterov",
+            torch.optim.SGD,
+            "SGD with Nesterov momentum 0.9",
+            preset={"momentum": 0.9, "nesterov": True},
+        ),
+        OptimizerSpec("adam", torch.optim.Adam, "Adam (Kingma & Ba 2015)"),
+        OptimizerSpec("adamw", torch.optim.AdamW, "AdamW, decoupled weight decay"),
+        OptimizerSpec(
+            "entropy_sgd",
+            EntropySGD,
+            "Entropy-SGD (Chaudhari et al. 2017), Langevin inner loop",
+            needs_closure=True,
+        ),
+        OptimizerSpec("vsgd", VSGD, "Variational SGD (Chen et al. 2024)"),
+    )
+}
+
+
+def names() -> list[str]:
+    """The registered optimizer names, in registry order."""
+    return list(_REGISTRY)
+
+
+def spec(name: str) -> OptimizerSpec:
+    """The registry entry for ``name``; ``ValueError`` naming the valid ones if unknown."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise check.unknown("optimizer", name, _REGISTRY) from None
+
+
+def get(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name`` over ``params``.
+
+    ``hparams`` override the entry's preset and the class defaults. An unknown name or
+    hyperparameter raises ``ValueError`` listing the valid ones (with the closest match).
+    """
+    entry = spec(name)
+    accepted = entry.hyperparameters()
+    for key in hparams:
+        if key not in accepted:
+            raise check.unknown(f"hyperparameter of optimizer {name!r}", key, accepted)
+    return entry.cls(params, **{**entry.preset, **hparams})
