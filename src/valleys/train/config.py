@@ -114,7 +114,8 @@ class ScheduleConfig:
 
     Arguments of the schedule function go flattened into this section. ``total_steps``, when
     the function takes it and it is not given, is the step budget. ``steps_per_unit: epoch``
-    (``piecewise``) means boundaries in epochs.
+    (``piecewise``) means boundaries in epochs. Any other ``*_steps`` argument may be a share of
+    ``total_steps`` written as a percentage (``explore_steps: 50%``).
     """
 
     name: str = "constant"
@@ -550,6 +551,19 @@ def _dataset_options(name: str) -> dict[str, Any]:
     return {key: None for key in entry.options}
 
 
+_PERCENT = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*%\s*$")
+
+
+def _is_percent(key: str, value: Any) -> bool:
+    """``"50%"`` for a ``*_steps`` schedule argument: that share of ``total_steps``."""
+    return (
+        key.endswith("_steps")
+        and key != "total_steps"
+        and isinstance(value, str)
+        and bool(_PERCENT.match(value))
+    )
+
+
 def _schedule_kwargs(name: str) -> dict[str, Any]:
     from valleys import schedules
 
@@ -595,8 +609,17 @@ def validate(cfg: Config) -> Config:
     check.choice("schedule.progress", s.progress, PROGRESS_MODES)
     accepted = _schedule_kwargs(s.name)
     per_epoch = s.kwargs.get("steps_per_unit") == "epoch"
-    given = {k: v for k, v in s.kwargs.items() if not (per_epoch and k == "steps_per_unit")}
+    percents = {k: v for k, v in s.kwargs.items() if _is_percent(k, v)}
+    given = {
+        k: v
+        for k, v in s.kwargs.items()
+        if k not in percents and not (per_epoch and k == "steps_per_unit")
+    }
     s.kwargs = _check_kwargs(f"argument of schedule {s.name!r}", "schedule", given, accepted)
+    for key in percents:
+        if key not in accepted:
+            raise _unknown(f"argument of schedule {s.name!r}", key, accepted)
+    s.kwargs.update(percents)
     if per_epoch:
         s.kwargs["steps_per_unit"] = "epoch"
     missing = [
@@ -700,6 +723,15 @@ def resolve(cfg: Config, *, num_train: int) -> Config:
                     "schedule.progress=time)"
                 )
             kw["total_steps"] = budget
+    for key, value in list(kw.items()):
+        if _is_percent(key, value):
+            if "total_steps" not in kw:
+                raise ValueError(
+                    f"Invalid schedule.{key}: {value!r} (a percentage needs total_steps, which "
+                    f"schedule {s.name!r} does not take)"
+                )
+            share = float(value.strip().rstrip("%")) / 100.0
+            kw[key] = round(share * kw["total_steps"])
     for key, default in accepted.items():
         if key not in kw and default is not REQUIRED:
             kw[key] = default

@@ -1,40 +1,30 @@
-"""A short comparison of every registered optimizer on scikit-learn's digits.
+"""A short comparison of optimizers on scikit-learn's digits, run through :func:`train`.
 
-Each optimizer trains the same MLP from the same initialisation for the same number of
-forward/backward passes (Entropy-SGD's Langevin passes count), then reports train loss, test
-accuracy and seconds. It exists to show the optimizers working end to end in a minute on a
-laptop CPU.
+The comparison is ``configs/experiments/digits_compare.yaml``: a base configuration and one
+variant per optimizer (SGD, Adam, Entropy-SGD, VSGD, Nesterov with the Knee schedule). Every
+variant trains the same MLP from the same initialisation for the same number of
+forward/backward passes (Entropy-SGD's Langevin passes count), into its own run directory;
+the demo then prints train loss, test accuracy and seconds, and plots the curves of all
+variants together. It shows the optimizers working end to end in a minute on a laptop CPU.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
-import torch
-from torch.nn import functional as F
+from valleys.train import config as C
+from valleys.train.loop import train
 
-from valleys import optim, schedules
-from valleys.data import Split, digits
-from valleys.models import mlp
-
-# Per-optimizer settings for the demo: the usual values for a small MLP, and Entropy-SGD with
-# few Langevin steps so that its outer steps are not too few for the pass budget.
-DEMO_HPARAMS: dict[str, dict] = {
-    "sgd": {"lr": 0.1, "momentum": 0.9},
-    "nesterov": {"lr": 0.1},
-    "adam": {"lr": 1e-3},
-    "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
-    "entropy_sgd": {"lr": 1.0, "langevin_steps": 5, "langevin_lr": 0.1},
-    "vsgd": {"lr": 0.02},
-}
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs/experiments/digits_compare.yaml"
 
 
 @dataclass
 class DemoResult:
-    """What one optimizer reached on the demo."""
+    """What one variant reached."""
 
     optimizer: str
     steps: int
@@ -43,92 +33,84 @@ class DemoResult:
     train_loss: float
     test_accuracy: float
     seconds: float
+    run_dir: Path
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+@dataclass
+class DemoReport:
+    """Every variant's result and the folder holding the runs and the plots."""
+
+    results: list[DemoResult]
+    out: Path
+    plots: list[Path]
 
 
-def run_one(
-    name: str,
-    split: Split,
-    *,
-    passes: int,
-    batch_size: int,
-    seed: int,
-    hparams: dict | None = None,
-    knee: bool = False,
-) -> DemoResult:
-    """Train a 64-128-10 ReLU MLP with optimizer ``name`` for ``passes`` forward/backward passes.
+def passes_per_step(cfg: C.Config) -> int:
+    """Forward/backward passes per optimizer step: Entropy-SGD's ``langevin_steps`` (at least
+    one), one for the single-pass optimizers."""
+    from valleys import optim
 
-    With ``knee`` the Knee schedule (50% explore, linear decay to 0) drives the lr.
-    """
-    torch.manual_seed(seed)
-    model = mlp(split.x_train.shape[1], split.num_classes, widths=(128,))
-    opt = optim.get(name, model.parameters(), **(hparams or DEMO_HPARAMS.get(name, {})))
-    gen = torch.Generator().manual_seed(seed)
-    n = split.x_train.shape[0]
-    calls = 0
-
-    def closure() -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        opt.zero_grad()
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        loss.backward()
-        return loss
-
-    per_step = max(1, opt.param_groups[0].get("langevin_steps", 1))
-    total_steps = math.ceil(passes / per_step)
-    scheduler = (
-        schedules.attach(opt, "knee", total_steps=total_steps, explore_steps=total_steps // 2)
-        if knee
-        else None
-    )
-    start = time.perf_counter()
-    for _ in range(total_steps):
-        opt.step(closure)
-        if scheduler is not None:
-            scheduler.step()
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        train_loss = float(F.cross_entropy(model(split.x_train), split.y_train))
-    label = f"{name}+knee" if knee else name
-    return DemoResult(
-        label,
-        total_steps,
-        calls,
-        calls * batch_size / n,
-        train_loss,
-        _accuracy(model, split.x_test, split.y_test),
-        seconds,
-    )
+    hparams = {**optim.spec(cfg.optim.name).hyperparameters(), **cfg.optim.hparams}
+    return max(1, int(hparams.get("langevin_steps", 1) or 1))
 
 
 def run(
     names: Sequence[str] | None = None,
     *,
-    epochs: float = 30.0,
-    batch_size: int = 64,
-    seed: int = 0,
+    epochs: float | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    out: str | Path | None = None,
+    config: str | Path | None = None,
     progress: Callable[[DemoResult], None] | None = None,
-) -> list[DemoResult]:
-    """Run the demo for ``names`` (all registered optimizers by default) plus Nesterov with
-    the Knee schedule, each for ``epochs`` passes' worth of samples."""
-    split = digits.load(seed=seed)
-    passes = math.ceil(epochs * split.x_train.shape[0] / batch_size)
-    jobs = [(name, False) for name in (names or optim.names())] + [("nesterov", True)]
-    # One untimed pass first, so that torch's lazy initialisation is not billed to the first row.
-    run_one("sgd", split, passes=1, batch_size=batch_size, seed=seed, hparams={"lr": 0.0})
+) -> DemoReport:
+    """Train the variants ``names`` (all by default) of the comparison file ``config`` for
+    ``epochs`` epochs of passes each (the file's ``run.max_epochs`` by default) into
+    ``out/<variant>`` (default ``runs/demo-<time>``), then plot them into ``out/plots``."""
+    from valleys.bench.plots import plot_runs
+
+    path = Path(config) if config is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Comparison file not found: {path} (run from a checkout of valleys, or pass "
+            "--config FILE)"
+        )
+    overrides = []
+    if seed is not None:
+        overrides.append(f"run.seed={seed}")
+    if threads is not None:
+        overrides.append(f"run.threads={threads}")
+    variants = C.load_variants(path, overrides, only=list(names or ()))
+    if out is None:
+        out = Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"Invalid --out: {str(out)!r} (it exists and is not empty)")
     results = []
-    for name, knee in jobs:
-        result = run_one(name, split, passes=passes, batch_size=batch_size, seed=seed, knee=knee)
+    for name, cfg in variants.items():
+        budget = epochs if epochs is not None else cfg.run.max_epochs
+        if budget is None or not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"Invalid epochs: {budget!r} (expected a number > 0)")
+        cfg.run.max_epochs = budget / passes_per_step(cfg)
+        cfg.run.max_steps = None
+        cfg.run.dir = str(out / name)
+        r = train(cfg)
+        final = r.final_eval
+        result = DemoResult(
+            optimizer=name,
+            steps=r.step,
+            passes=r.passes,
+            effective_epochs=r.effective_epochs,
+            train_loss=final.get("train_loss", r.train_loss or math.nan),
+            test_accuracy=final.get("test_accuracy", math.nan),
+            seconds=r.train_time_s,
+            run_dir=r.dir,
+        )
         results.append(result)
         if progress is not None:
             progress(result)
-    return results
+    plots = plot_runs([r.run_dir for r in results], out / "plots")
+    return DemoReport(results, out, plots)
 
 
 def format_table(results: Sequence[DemoResult]) -> str:
