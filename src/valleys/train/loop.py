@@ -288,11 +288,13 @@ def refresh_batchnorm(
     leaving the weights alone: Entropy-SGD's "dry feed" before each evaluation.
 
     The model runs in train mode with dropout off over ``x`` in batches of ``batch_size``;
-    each BatchNorm's statistics are reset and accumulated as an equal-weight average over the
-    batches (``momentum=None``; the original fed the set through with the usual momentum, so
-    its statistics leaned towards the last batches). Afterwards every module's train/eval flag
-    and every BatchNorm's momentum are as before. Returns False (doing nothing) without
-    BatchNorm layers that track statistics.
+    each BatchNorm's statistics are reset and then averaged over the batches weighted by their
+    sizes (the momentum of batch i is b_i / (b_1 + … + b_i)), so the running mean is exactly
+    the mean over ``x`` and the running variance the size-weighted mean of the batch
+    variances. (The original fed the set through with the usual momentum 0.1, so its statistics
+    leaned towards the last batches.) Afterwards every module's train/eval flag and every
+    BatchNorm's momentum are as before. Returns False (doing nothing) without BatchNorm layers
+    that track statistics.
     """
     bns = [m for m in model.modules() if isinstance(m, _BATCHNORM) and m.track_running_stats]
     if not bns:
@@ -306,11 +308,13 @@ def refresh_batchnorm(
                 m.eval()
         for bn in bns:
             bn.reset_running_stats()
-            bn.momentum = None
         ctx = autocast or contextlib.nullcontext
         for i in range(0, x.shape[0], batch_size):
+            batch = x[i : i + batch_size]
+            for bn in bns:
+                bn.momentum = batch.shape[0] / (i + batch.shape[0])
             with ctx():
-                model(x[i : i + batch_size])
+                model(batch)
     finally:
         for bn, momentum in momenta:
             bn.momentum = momentum
