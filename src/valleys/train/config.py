@@ -703,8 +703,10 @@ def resolve(cfg: Config, *, num_train: int) -> Config:
     cfg = validate(cfg)
     spe = steps_per_epoch(num_train, cfg.data.batch_size, cfg.data.drop_last)
 
-    cfg.optim.hparams = {**optim.spec(cfg.optim.name).hyperparameters(), **cfg.optim.hparams}
-    cfg.model.kwargs = {**models.spec(cfg.model.name).kwargs(), **cfg.model.kwargs}
+    cfg.optim.hparams = _plain(
+        {**optim.spec(cfg.optim.name).hyperparameters(), **cfg.optim.hparams}
+    )
+    cfg.model.kwargs = _plain({**models.spec(cfg.model.name).kwargs(), **cfg.model.kwargs})
 
     s = cfg.schedule
     accepted = _schedule_kwargs(s.name)
