@@ -27,7 +27,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +263,3 @@ def env_info(device: torch.device) -> dict[str, Any]:
     else:
         info["cpu"] = platform.processor() or platform.machine()
     return info
-
-
-def iter_lines(path: Path) -> Iterator[str]:
-    with open(path) as f:
-        yield from f

@@ -978,6 +978,7 @@ class Trainer:
         # On the CPU a per-step check costs nothing; on an accelerator it would synchronise,
         # so the loss is checked at each record instead. fp16 skips non-finite steps itself.
         check_each_step = self.device.type == "cpu" and self.scaler is None
+        self.finished = False  # a finished run resumed with a larger budget goes on
         if self.step == 0 and r.eval_at_start and self.last_eval_step is None:
             self._log_eval()
         reason = self._budget_reason()
