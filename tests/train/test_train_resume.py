@@ -20,9 +20,15 @@ OPTIMIZERS = {
 COMMON = ["run.eval_every_steps=7", "run.log_every_steps=3"]
 
 
-def _cfg(path, steps, name, *extra):
+def _cfg(path, steps, name, *extra, model="mlp"):
     return make_cfg(
-        path, f"run.max_steps={steps}", f"optim.name={name}", *COMMON, *OPTIMIZERS[name], *extra
+        path,
+        f"run.max_steps={steps}",
+        f"optim.name={name}",
+        *COMMON,
+        *OPTIMIZERS[name],
+        *extra,
+        model=model,
     )
 
 
@@ -123,3 +129,24 @@ def test_resume_needs_a_checkpoint_and_a_run_dir(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds other files"):
         loop.train(_cfg(tmp_path / "other", 4, "sgd"))
+
+
+def test_resume_with_augmentation_dropout_batchnorm_and_replacement_sampling(tmp_path):
+    extra = [
+        "data.flatten=false",
+        "data.augment={pad: 1, flip: true}",
+        "data.sampling=replacement",
+        "model.name=mnistfc",
+        "model.width=32",
+        "model.variant=python",  # BN and input dropout too
+        "run.bn_refresh=true",
+        "run.ema_decay=0.8",
+        "run.eval_every_steps=4",
+    ]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    loop.train(_cfg(whole, 12, "entropy_sgd", *extra, model="mnistfc"))
+    loop.train(_cfg(parts, 6, "entropy_sgd", *extra, model="mnistfc"))
+    loop.train(_cfg(parts, 12, "entropy_sgd", *extra, "run.resume=true", model="mnistfc"))
+    assert records(parts) == records(whole)
+    a, b = _weights(whole), _weights(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
