@@ -36,6 +36,22 @@ def test_entropy_sgd_makes_langevin_steps_passes_per_step(tmp_path):
         assert set(r["stats"]) >= {"grad_norm", "gamma", "drift_norm", "cosine"}
 
 
+def test_seeds_make_runs_reproducible(tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        loop.train(
+            make_cfg(
+                tmp_path / name,
+                "run.max_steps=6",
+                "run.log_every_steps=2",
+                f"run.seed={seed}",
+                "optim.name=entropy_sgd",
+                "optim.langevin_steps=2",
+            )
+        )
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert records(tmp_path / "a") != records(tmp_path / "c")
+
+
 def test_single_pass_optimizers_make_one_pass_per_step(tmp_path):
     result = loop.train(make_cfg(tmp_path, "optim.name=vsgd", "run.max_steps=5"))
     assert (result.step, result.passes) == (5, 5)

@@ -50,6 +50,9 @@ def test_stop_and_resume_is_bit_identical(tmp_path, name):
     assert second.step == 20
     assert records(parts) == records(whole)
     assert len(records(whole, "eval")) == 4  # steps 0, 7, 14 and the final one at 20
+    # the training-time clock goes on from where the first segment stopped
+    times = [r["train_time_s"] for r in records(parts, clock=True)]
+    assert times == sorted(times) and second.train_time_s > first.train_time_s
     a, b = _weights(whole), _weights(parts)
     assert a.keys() == b.keys()
     for key in a:
