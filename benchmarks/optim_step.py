@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from valleys.optim import vsgd
+from valleys.optim._vsgd_compiled import _fused_update
 from valleys.optim.vsgd import VSGD
 
 
@@ -104,7 +104,7 @@ def _move9(p, g, mug, bg, bhg, sc):  # reads 5, writes 4
 DIAGNOSTICS: list[Entry] = [
     Entry("[diag] move 7 tensors, 1 buffer", lambda ps: FlatKernel(ps, _move7, 4), 7),
     Entry("[diag] move 9 tensors, 1 buffer", lambda ps: FlatKernel(ps, _move9, 5), 9),
-    Entry("[diag] VSGD kernel, 1 buffer", lambda ps: FlatKernel(ps, vsgd._fused_update, 5), 9),
+    Entry("[diag] VSGD kernel, 1 buffer", lambda ps: FlatKernel(ps, _fused_update, 5), 9),
 ]
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from valleys.optim import vsgd
+from valleys.optim import _vsgd_compiled, _vsgd_kernels
 from valleys.optim.vsgd import VSGD
 
 IMPLEMENTATIONS = ["reference", "foreach", "compiled"]
@@ -151,7 +151,7 @@ def _run(implementation: str, dtype: torch.dtype, steps: int = 20):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_foreach_is_bit_identical_to_reference(dtype, chunk, monkeypatch):
     if chunk is not None:  # on CPU, lists are cut into sub-lists of at most this many elements
-        monkeypatch.setattr(vsgd, "_FOREACH_CHUNK_CPU", chunk)
+        monkeypatch.setattr(_vsgd_kernels, "_FOREACH_CHUNK_CPU", chunk)
     ref_params, ref = _run("reference", dtype)
     params, opt = _run("foreach", dtype)
     for a, b in zip(ref_params, params, strict=True):
@@ -171,7 +171,7 @@ def test_compiled_matches_reference():
     for dtype, rtol, atol in ((torch.float32, 2e-5, 1e-6), (torch.float64, 1e-12, 1e-14)):
         ref_params, ref = _run("reference", dtype)
         params, opt = _run("compiled", dtype)
-        assert vsgd._compile_error is None, vsgd._compile_error
+        assert _vsgd_compiled._compile_error is None, _vsgd_compiled._compile_error
         for a, b in zip(ref_params, params, strict=True):
             torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
             for key in ("mug", "bg", "bhg"):
@@ -186,8 +186,8 @@ def test_compiled_falls_back_to_foreach_with_a_warning(monkeypatch):
     def broken():
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(vsgd, "_get_compiled", broken)
-    monkeypatch.setattr(vsgd, "_compile_error", None)
+    monkeypatch.setattr(_vsgd_compiled, "_get_compiled", broken)
+    monkeypatch.setattr(_vsgd_compiled, "_compile_error", None)
     ref_params, _ = _run("reference", torch.float64, steps=4)
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*no compiler here"):
         params, _ = _run("compiled", torch.float64, steps=4)
