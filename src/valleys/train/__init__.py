@@ -2,8 +2,9 @@
 
 ``config`` holds the run configuration (dataclasses loaded with OmegaConf), ``loop`` the
 training loop (:func:`train`, :func:`make_closure`, evaluation), ``checkpoint`` the atomic
-checkpoint files, ``log`` the metrics, environment and TensorBoard writers, ``demo`` the
-digits comparison of ``valleys demo``::
+checkpoint files, ``log`` the metrics, environment and TensorBoard writers, ``restore``
+(:func:`load_run`) a trained model with its dataset for later analyses, ``demo`` the digits
+comparison of ``valleys demo``::
 
     from valleys.train import config, train
 
@@ -13,5 +14,6 @@ digits comparison of ``valleys demo``::
 
 from valleys.train.config import Config
 from valleys.train.loop import RunResult, TrainingError, make_closure, train
+from valleys.train.restore import LoadedRun, load_run
 
-__all__ = ["Config", "RunResult", "TrainingError", "make_closure", "train"]
+__all__ = ["Config", "LoadedRun", "RunResult", "TrainingError", "load_run", "make_closure", "train"]

@@ -486,9 +486,8 @@ class Trainer:
         dataset: Any = None,
         model: nn.Module | None = None,
     ):
-        from valleys import data as data_registry
-        from valleys import models as model_registry
         from valleys.data.loader import Augment, BatchStream
+        from valleys.train.restore import build_dataset, build_model
 
         cfg = C.validate(cfg)
         r = cfg.run
@@ -498,10 +497,7 @@ class Trainer:
 
         # data
         if dataset is None:
-            d = cfg.data
-            dataset = data_registry.get(
-                d.name, root=d.root, seed=d.seed, download=d.download, **d.options
-            )
+            dataset = build_dataset(cfg)
         self.dataset = dataset.to(self.device)
         self.task = dataset.task
         n = int(dataset.x_train.shape[0])
@@ -517,9 +513,7 @@ class Trainer:
         random.seed(r.seed)
         np.random.seed(r.seed % 2**32)
         if model is None:
-            model = model_registry.get(
-                cfg.model.name, dataset.input_shape, dataset.num_outputs, **self.cfg.model.kwargs
-            )
+            model = build_model(self.cfg, dataset)
         self.model = model.to(self.device)
         self.train_model = self.model
         if r.compile:
