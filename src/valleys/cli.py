@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from valleys.bench.analyze import Analysis
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +78,99 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files to {folder}")
 
 
+def _print_analysis(out: Analysis) -> None:
+    from pathlib import Path
+
+    record, files = out.record, out.files
+    run_dir = Path(record["checkpoint"]).parent
+    print(f"appended record {record['index']} to {run_dir / 'landscape.jsonl'}")
+    if files:
+        stems = sorted({str(f.with_suffix("")) for f in files})
+        suffixes = ",".join(sorted({f.suffix.lstrip(".") for f in files}))
+        for stem in stems:
+            print(f"plots: {stem}.{{{suffixes}}}")
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return {
+        "split": args.split,
+        "samples": args.samples,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": not args.no_progress,
+        "plots": not args.no_plots,
+    }
+
+
+def _cmd_sharpness(args: argparse.Namespace) -> None:
+    from valleys.bench import analyze
+
+    out = analyze.sharpness(
+        args.path,
+        method=args.method,
+        epsilon=args.epsilon,
+        lr=args.lr,
+        steps=args.steps,
+        momentum=args.momentum,
+        objective=args.objective,
+        eval_every=args.eval_every,
+        max_iterations=args.max_iterations,
+        **_data_options(args),
+    )
+    r = out.record["result"]
+    data = out.record["data"]
+    print(
+        f"valleys sharpness: {r['method']}, epsilon {r['epsilon']:g}, {r['steps']} "
+        f"{'iterations' if r['method'] == 'lbfgsb' else 'steps'}, {data['samples']} "
+        f"{data['split']} samples"
+    )
+    print(
+        _table(
+            [
+                ("sharpness", f"{r['sharpness']:.6g}"),
+                ("f(x)", f"{r['f0']:.6g}"),
+                ("max f(x+z)", f"{r['fmax']:.6g}  (at {r['best_step']})"),
+                ("final f(x+z)", f"{r['final']:.6g}"),
+                ("full-loss evaluations", str(r["evaluations"])),
+            ]
+        )
+    )
+    _print_analysis(out)
+
+
+def _cmd_surface(args: argparse.Namespace) -> None:
+    from valleys.bench import analyze
+
+    out = analyze.surface(
+        args.path,
+        dims=args.dims,
+        points=args.points,
+        span=args.range,
+        to=args.to,
+        buffers=args.buffers,
+        normalization=args.normalization,
+        ignore_bias_bn=False if args.include_bias_bn else None,
+        **_data_options(args),
+    )
+    record = out.record
+    loss = record["result"]["loss"]
+    flat = [v for row in loss for v in (row if isinstance(row, list) else [row])]
+    finite = [v for v in flat if v is not None]
+    low = f"{min(finite):.6g}" if finite else "nan"
+    high = f"{max(finite):.6g}" if finite else "nan"
+    print(
+        f"valleys surface: {record['mode']}, {len(flat)} points on "
+        f"{record['data']['samples']} {record['data']['split']} samples; loss {low} .. {high}"
+    )
+    _print_analysis(out)
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from valleys import data, models, optim, schedules
 
@@ -90,6 +186,21 @@ def _cmd_list(args: argparse.Namespace) -> None:
     print("schedules:")
     for name in schedules.names():
         print(f"  {name}")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """The options every landscape analysis shares: which samples, batches, device."""
+    p.add_argument(
+        "--split", choices=("train", "test"), default="train", help="data split (default train)"
+    )
+    p.add_argument("--samples", type=int, help="use N samples of the split (seeded subset)")
+    p.add_argument("--batches", type=int, help="use at most N batches' worth of samples")
+    p.add_argument("--batch-size", type=int, help=batch_help)
+    p.add_argument("--seed", type=int, default=0, help="subset, batches and directions (0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:1...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write the record only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +246,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="comparison file (default: digits_compare.yaml)")
     p.add_argument("optimizers", nargs="*", help="variants of the comparison (default: all)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "sharpness",
+        help="Keskar sharpness of a trained run",
+        description=(
+            "Keskar epsilon-sharpness 100 (max f(x+z) - f(x)) / (1 + f(x)) over the box "
+            "|z_i| <= epsilon (|x_i| + 1), f the full loss on the run's training split (eval "
+            "mode, parameters only), by projected gradient ascent or L-BFGS-B. Appends a record "
+            "to RUN/landscape.jsonl and plots to RUN/plots/. Unset options take the library's "
+            "defaults (epsilon 1e-4, lr 1e-3, 1000 steps, plain SGD, 10 L-BFGS-B iterations)."
+        ),
+    )
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint file")
+    p.add_argument("--method", choices=("ascent", "lbfgsb"), default="ascent")
+    p.add_argument("--epsilon", type=float, help="relative box radius (default 1e-4)")
+    p.add_argument("--lr", type=float, help="ascent learning rate (default 1e-3)")
+    p.add_argument("--steps", type=int, help="ascent steps (default 1000)")
+    p.add_argument("--momentum", type=float, help="momentum of the ascent SGD (default 0)")
+    p.add_argument(
+        "--objective",
+        choices=("batch", "full"),
+        help="what each ascent step climbs: a mini-batch loss (default) or the full loss",
+    )
+    p.add_argument(
+        "--eval-every", type=int, help="full-loss evaluation every N ascent steps (batch)"
+    )
+    p.add_argument("--max-iterations", type=int, help="L-BFGS-B iterations (default 10)")
+    _add_data_arguments(p, "mini-batch size of the ascent (default: the run's data.batch_size)")
+    p.set_defaults(func=_cmd_sharpness)
+
+    p = sub.add_parser(
+        "surface",
+        help="1-D/2-D loss surface or interpolation of a trained run",
+        description=(
+            "The loss along one (--dims 1) or two (--dims 2) filter-normalised random "
+            "directions through the run's weights (Li et al. 2018), or with --to the linear "
+            "interpolation from this run's weights (0) to another checkpoint's (1). Appends a "
+            "record to RUN/landscape.jsonl and a curve or contour plot to RUN/plots/."
+        ),
+    )
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint file")
+    p.add_argument("--dims", type=int, choices=(1, 2), default=1)
+    p.add_argument("--points", type=int, default=21, help="grid points per axis (default 21)")
+    p.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="coordinate range per axis (default -1 1; -0.5 1.5 with --to)",
+    )
+    p.add_argument("--to", metavar="OTHER", help="interpolate to this run directory/checkpoint")
+    p.add_argument(
+        "--buffers",
+        choices=("nearest", "start", "end", "interpolate"),
+        help="BatchNorm statistics along an interpolation (default nearest)",
+    )
+    p.add_argument(
+        "--normalization",
+        choices=("filter", "layer", "none"),
+        help="direction normalisation (default filter)",
+    )
+    p.add_argument(
+        "--include-bias-bn",
+        action="store_true",
+        help="give biases and BatchNorm parameters a direction (their own values, as Li et al.)",
+    )
+    _add_data_arguments(p, "evaluation batch size (default: the run's data.eval_batch_size)")
+    p.set_defaults(func=_cmd_surface)
 
     p = sub.add_parser("list", help="list optimizers, models, datasets and schedules")
     p.set_defaults(func=_cmd_list)
