@@ -38,8 +38,10 @@ from valleys import landscape
 __all__ = [
     "RECORDS",
     "Analysis",
+    "ProgressBar",
     "Target",
     "append_record",
+    "finish",
     "prepare",
     "read_records",
     "sharpness",
@@ -175,7 +177,7 @@ class Analysis:
     files: list[Path] = field(default_factory=list)
 
 
-class _Bar:
+class ProgressBar:
     """A tqdm progress bar on stderr counting ``unit``s; silent when disabled."""
 
     def __init__(self, total: int | None, enabled: bool, unit: str):
@@ -207,7 +209,7 @@ def _default(function: str, name: str) -> Any:
     return inspect.signature(getattr(landscape, function)).parameters[name].default
 
 
-def _finish(
+def finish(
     target: Target,
     kind: str,
     args: dict[str, Any],
@@ -216,6 +218,11 @@ def _finish(
     plots: bool,
     extra: Mapping[str, Any] | None = None,
 ) -> Analysis:
+    """Append the record of an analysis of ``target`` begun at ``started``
+    (``time.perf_counter()``) and, with ``plots``, draw its figures through
+    :func:`valleys.bench.landscape_plots.plot_record` as
+    ``plots/landscape-<index>-<mode or kind>.{png,svg}``. ``result`` is plain data; ``extra``
+    adds top-level fields (``mode``). Every analysis (the Hessian's too) ends here."""
     from valleys.bench.landscape_plots import plot_record
 
     run_dir = target.run.run_dir
@@ -301,7 +308,7 @@ def sharpness(
     run = target.run
     started = time.perf_counter()
     if method == "lbfgsb":
-        bar = _Bar(None, progress, "eval")
+        bar = ProgressBar(None, progress, "eval")
         try:
             result = landscape.keskar_sharpness_lbfgsb(
                 run.model,
@@ -326,7 +333,7 @@ def sharpness(
         if momentum:
             kwargs["optimizer_kwargs"] = {"momentum": momentum}
         total = steps if steps is not None else _default("keskar_sharpness", "steps")
-        bar = _Bar(total, progress, "step")
+        bar = ProgressBar(total, progress, "step")
         try:
             result = landscape.keskar_sharpness(
                 run.model,
@@ -338,7 +345,7 @@ def sharpness(
             )
         finally:
             bar.close()
-    return _finish(target, "sharpness", args, result.to_dict(), started, plots)
+    return finish(target, "sharpness", args, result.to_dict(), started, plots)
 
 
 def _other_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -416,7 +423,7 @@ def surface(
         ignore_bias_bn=ignore_bias_bn,
     )
     total = points * points if dims == 2 else points
-    bar = _Bar(total, progress, "point")
+    bar = ProgressBar(total, progress, "point")
     update: Callable[[int], None] = lambda k: bar.update(k)  # noqa: E731
     try:
         if to is not None:
@@ -467,4 +474,4 @@ def surface(
                 mode = "plane"
     finally:
         bar.close()
-    return _finish(target, "surface", args, res.to_dict(), started, plots, {"mode": mode})
+    return finish(target, "surface", args, res.to_dict(), started, plots, {"mode": mode})

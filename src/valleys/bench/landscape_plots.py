@@ -8,13 +8,13 @@ canvas directly, never through pyplot's global backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_contour", "plot_curve", "plot_record", "plot_sharpness"]
+__all__ = ["PLOTTERS", "plot_contour", "plot_curve", "plot_record", "plot_sharpness"]
 
 
 def _wide(values: np.ndarray) -> bool:
@@ -132,17 +132,29 @@ def plot_contour(
     return _save(fig, Path(stem), formats)
 
 
+def _plot_surface(record: Mapping[str, Any], stem: Path, title: str) -> list[Path]:
+    if record.get("mode") == "plane":
+        return plot_contour(record["result"], stem, title=title)
+    xlabel = "α"
+    if record.get("mode") == "interpolation":
+        xlabel = "α  (0: this run's weights, 1: the other's)"
+    return plot_curve(record["result"], stem, title=title, xlabel=xlabel)
+
+
+#: How each ``kind`` of record is drawn: ``plotter(record, stem, title) -> files``. A new
+#: analysis registers its own entry here.
+PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path, str], list[Path]]] = {
+    "sharpness": lambda record, stem, title: plot_sharpness(record["result"], stem, title=title),
+    "surface": _plot_surface,
+}
+
+
 def plot_record(record: Mapping[str, Any], stem: str | Path, *, title: str = "") -> list[Path]:
-    """The figure(s) of one ``landscape.jsonl`` record, by its ``kind``."""
+    """The figure(s) of one ``landscape.jsonl`` record, by its ``kind`` (see
+    :data:`PLOTTERS`)."""
     kind = record.get("kind")
-    result = record["result"]
-    if kind == "sharpness":
-        return plot_sharpness(result, stem, title=title)
-    if kind == "surface" and record.get("mode") == "plane":
-        return plot_contour(result, stem, title=title)
-    if kind == "surface":
-        xlabel = "α"
-        if record.get("mode") == "interpolation":
-            xlabel = "α  (0: this run's weights, 1: the other's)"
-        return plot_curve(result, stem, title=title, xlabel=xlabel)
-    raise ValueError(f"Invalid landscape record kind: {kind!r} (expected sharpness or surface)")
+    if kind not in PLOTTERS:
+        raise ValueError(
+            f"Invalid landscape record kind: {kind!r} (expected one of {', '.join(PLOTTERS)})"
+        )
+    return PLOTTERS[str(kind)](record, Path(stem), title)

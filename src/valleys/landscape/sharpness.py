@@ -18,6 +18,11 @@ Two ways to approximate the inner maximum, both reporting the largest full loss 
 * :func:`keskar_sharpness_lbfgsb`: Keskar's bounded L-BFGS-B (SciPy) on the full loss, for
   models small enough to hand SciPy a float64 copy of the parameters.
 
+Both are local methods: they climb to a local maximum over the box, which for small ε (the
+loss nearly linear over the box) is the global one, but for a wide box may not be (a convex
+loss has its box maximum at a vertex, and the ascent reaches the vertex its gradient points
+to). The sharpness reported is thus a lower bound on φ.
+
 Differences from the released ascent code (``ComputeKeskarSharpness``): the ascent never reuses
 the training optimizer (whose momentum and weight decay would leak in), runs in eval mode
 (dropout off, BatchNorm on its running statistics, which stay untouched) instead of train mode,
