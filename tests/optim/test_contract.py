@@ -23,6 +23,7 @@ HPARAMS: dict[str, dict] = {
     "adamw": {"lr": 0.02, "weight_decay": 1e-2},
     "entropy_sgd": {"lr": 1.0, "langevin_steps": 3, "scope": 1e-3, "weight_decay": 1e-3},
     "vsgd": {"lr": 0.05, "weight_decay": 1e-3},
+    "sam": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "rho": 0.05},
 }
 
 # Hyperparameters each entry must reject with ValueError.
@@ -53,6 +54,14 @@ INVALID: dict[str, list[dict]] = {
         {"weight_decay": -1.0},
         {"eps": -1.0},
         {"lr": float("inf")},
+    ],
+    "sam": [
+        {"rho": -0.1},
+        {"rho": float("nan")},
+        {"adaptive": 1},
+        {"base": "entropy_sgd"},
+        {"lr": -0.1},
+        {"momentum": -0.5},
     ],
 }
 

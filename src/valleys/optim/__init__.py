@@ -1,8 +1,8 @@
 """Optimizers and their registry.
 
-valleys' own optimizers (``EntropySGD``, ``VSGD``) sit next to torch's SGD, Nesterov, Adam and
-AdamW under one lookup, so that a name and a dict of hyperparameters (from a config file or the
-command line) build any of them::
+valleys' own optimizers (``EntropySGD``, ``VSGD``, ``SAM``) sit next to torch's SGD, Nesterov,
+Adam and AdamW under one lookup, so that a name and a dict of hyperparameters (from a config
+file or the command line) build any of them::
 
     opt = valleys.optim.get("entropy_sgd", model.parameters(), lr=1.0, langevin_steps=20)
 
@@ -21,9 +21,10 @@ import torch
 
 from valleys import _validate as check
 from valleys.optim.entropy_sgd import EntropySGD
+from valleys.optim.sam import SAM
 from valleys.optim.vsgd import VSGD
 
-__all__ = ["VSGD", "EntropySGD", "OptimizerSpec", "get", "names", "spec"]
+__all__ = ["SAM", "VSGD", "EntropySGD", "OptimizerSpec", "get", "names", "spec"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,11 @@ class OptimizerSpec:
 
     ``cls`` is the optimizer class; ``preset`` holds hyperparameters that define the entry on
     top of the class defaults (``nesterov`` is torch's SGD with ``momentum=0.9,
-    nesterov=True``); ``needs_closure`` says whether ``step`` must be given a closure.
+    nesterov=True``); ``needs_closure`` says whether ``step`` must be given a closure;
+    ``same_batch`` that every evaluation of one step must see the same mini-batch (the
+    training loop's closure then hands out one batch per step); ``wraps`` that the class wraps
+    a base optimizer named by its ``base`` hyperparameter and takes that optimizer's
+    hyperparameters too (SAM; see :meth:`accepted`).
     """
 
     name: str
@@ -40,6 +45,8 @@ class OptimizerSpec:
     summary: str
     preset: Mapping[str, Any] = field(default_factory=dict)
     needs_closure: bool = False
+    same_batch: bool = False
+    wraps: bool = False
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter this entry accepts with its default (preset applied)."""
@@ -50,6 +57,16 @@ class OptimizerSpec:
             if k not in ("self", "params") and p.kind is not p.VAR_KEYWORD
         }
         out.update(self.preset)
+        return out
+
+    def accepted(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters a configuration may set, with their defaults: those of
+        :meth:`hyperparameters`, and for a wrapper also its base's (the entry named by
+        ``given["base"]``, or by the default base)."""
+        out = self.hyperparameters()
+        base = (given or {}).get("base", out.get("base"))
+        if self.wraps and isinstance(base, str) and base in _REGISTRY:
+            out = {**spec(base).hyperparameters(), **out}
         return out
 
 
@@ -72,6 +89,14 @@ _REGISTRY: dict[str, OptimizerSpec] = {
             needs_closure=True,
         ),
         OptimizerSpec("vsgd", VSGD, "Variational SGD (Chen et al. 2024)"),
+        OptimizerSpec(
+            "sam",
+            SAM,
+            "Sharpness-Aware Minimization (Foret et al. 2021; ASAM with adaptive) around a base",
+            needs_closure=True,
+            same_batch=True,
+            wraps=True,
+        ),
     )
 }
 
@@ -96,7 +121,7 @@ def get(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimiz
     hyperparameter raises ``ValueError`` listing the valid ones (with the closest match).
     """
     entry = spec(name)
-    accepted = entry.hyperparameters()
+    accepted = entry.accepted(hparams)
     for key in hparams:
         if key not in accepted:
             raise check.unknown(f"hyperparameter of optimizer {name!r}", key, accepted)

@@ -600,7 +600,7 @@ def validate(cfg: Config) -> Config:
     )
 
     ospec = optim.spec(cfg.optim.name)
-    accepted = ospec.hyperparameters()
+    accepted = ospec.accepted(cfg.optim.hparams)
     cfg.optim.hparams = _check_kwargs(
         f"hyperparameter of optimizer {cfg.optim.name!r}", "optim", cfg.optim.hparams, accepted
     )
@@ -704,7 +704,7 @@ def resolve(cfg: Config, *, num_train: int) -> Config:
     spe = steps_per_epoch(num_train, cfg.data.batch_size, cfg.data.drop_last)
 
     cfg.optim.hparams = _plain(
-        {**optim.spec(cfg.optim.name).hyperparameters(), **cfg.optim.hparams}
+        {**optim.spec(cfg.optim.name).accepted(cfg.optim.hparams), **cfg.optim.hparams}
     )
     cfg.model.kwargs = _plain({**models.spec(cfg.model.name).kwargs(), **cfg.model.kwargs})
 
