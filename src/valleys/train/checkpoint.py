@@ -7,6 +7,10 @@ file; a failed write removes its temporary file.
 
 Checkpoints hold plain data and tensors only, so :func:`load` reads them with
 ``torch.load(weights_only=True)``: loading one never runs code from the file.
+
+Test hook: with the environment variable ``VALLEYS_TEST_CHECKPOINT_PAUSE_S`` set, :func:`save`
+sleeps that many seconds between writing the temporary file and renaming it, so that a test can
+kill the process inside a checkpoint write. Nothing else reads it.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "load", "save", "set_rng_state", "write_atomic"]
+__all__ = ["get_rng_state", "load", "save", "set_rng_state", "stale_temporaries", "write_atomic"]
 
 FORMAT = 1
+
+# The test hook of the module docstring.
+PAUSE_ENV = "VALLEYS_TEST_CHECKPOINT_PAUSE_S"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,9 +64,23 @@ def write_atomic(path: str | Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """Temporary files that :func:`write_atomic` left in ``folder`` when its process was killed
+    before the rename (``.<name>.<random>.tmp``); nothing reads them."""
+    return sorted(p for p in Path(folder).glob(".*.tmp") if p.is_file())
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plain data and tensors) to ``path`` atomically."""
-    write_atomic(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+    def write(f: Any) -> None:
+        torch.save({"format": FORMAT, **state}, f)
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:  # the test hook (see the module docstring)
+            f.flush()
+            time.sleep(float(pause))
+
+    write_atomic(path, write)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -66,13 +88,19 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
+    fix = "it was left as it is: restore it from a copy, or start again in a new run.dir"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a foreign or damaged file: say which, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"Unreadable checkpoint {path}: {first}") from None
+        raise ValueError(
+            f"Unreadable checkpoint {path}: {first.rstrip('.')} (the file is truncated, damaged "
+            f"or not a checkpoint; {fix})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"Unreadable checkpoint {path}: not a valleys checkpoint (format 1)")
+        raise ValueError(
+            f"Unreadable checkpoint {path}: not a valleys checkpoint (format {FORMAT}; {fix})"
+        )
     return state
 
 

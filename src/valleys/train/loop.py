@@ -354,6 +354,8 @@ def evaluate(
     """
     from valleys.data.loader import eval_batches
 
+    if x.shape[0] == 0:
+        raise ValueError(f"Invalid x: shape {tuple(x.shape)} (evaluate needs at least one sample)")
     was_training = model.training
     model.eval()
     ctx = autocast or contextlib.nullcontext
@@ -446,6 +448,67 @@ def _holds_run(path: Path) -> bool:
     return (path / "config.yaml").exists() or (path / CHECKPOINT).exists()
 
 
+def _check_dataset(dataset: Any, cfg: C.Config) -> None:
+    """One-line errors, before anything is written, for a dataset that no run can use."""
+    name = dataset.name
+    source = dataset.info.get("source") if isinstance(dataset.info, dict) else None
+    where = f" (read from {source})" if source else ""
+    for split in ("train", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"Empty dataset {name!r}: its {split} split has no samples{where}; a run needs "
+                "samples to train and evaluate on: check its files and data options"
+            )
+        for t in (x, y):
+            # one float64 sum rather than an isfinite mask the size of the set: finite
+            # float32 values cannot overflow it, a NaN or inf anywhere makes it non-finite
+            if t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+                raise ValueError(
+                    f"Invalid dataset {name!r}: its {split} split holds NaN or infinite "
+                    f"values{where}; training on them gives a non-finite loss: clean the data "
+                    "or its preprocessing"
+                )
+    if cfg.data.augment and dataset.x_train.ndim != 4:
+        raise ValueError(
+            f"Invalid data.augment: {cfg.data.augment} (random crops and flips need images, "
+            f"but dataset {name!r} gives inputs shaped {tuple(dataset.x_train.shape[1:])}: "
+            "set data.flatten=false for an image set, or leave data.augment out)"
+        )
+
+
+@torch.no_grad()
+def _check_fits(model: nn.Module, dataset: Any) -> None:
+    """One forward pass of two training samples in eval mode (no buffer or RNG touched): a model
+    built for other inputs or another number of outputs fails here, in one line, rather than
+    inside the first step."""
+    x, y = dataset.x_train[:2], dataset.y_train[:2]
+    shape, k = tuple(dataset.x_train.shape[1:]), dataset.num_outputs
+    fix = (
+        f"dataset {dataset.name!r} has inputs shaped {shape} and {k} outputs: build the model "
+        "for the dataset's input_shape and num_outputs"
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Model does not fit the data: {first} ({fix})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"Model does not fit the data: it returns {type(out).__name__} ({fix})")
+    if dataset.task == "classification":
+        fits = out.ndim == 2 and out.shape == (x.shape[0], k)
+    else:
+        fits = out.numel() == y.numel()
+    if not fits:
+        raise ValueError(
+            f"Model does not fit the data: it maps {tuple(x.shape)} to {tuple(out.shape)} ({fix})"
+        )
+
+
 class _Timer:
     """Training time: accumulated between start() and stop(), CUDA-synchronised."""
 
@@ -498,6 +561,7 @@ class Trainer:
         # data
         if dataset is None:
             dataset = build_dataset(cfg)
+        _check_dataset(dataset, cfg)
         self.dataset = dataset.to(self.device)
         self.task = dataset.task
         n = int(dataset.x_train.shape[0])
@@ -515,6 +579,7 @@ class Trainer:
         if model is None:
             model = build_model(self.cfg, dataset)
         self.model = model.to(self.device)
+        _check_fits(self.model, self.dataset)
         self.train_model = self.model
         if r.compile:
             self.train_model = torch.compile(self.model, backend=r.compile_backend)
@@ -589,8 +654,15 @@ class Trainer:
         path = self.run_dir
         if path.exists() and not path.is_dir():
             raise ValueError(f"Invalid run.dir: {str(path)!r} (it is a file)")
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(
+                    f"Invalid run.dir: {str(path)!r} ({parent} is a file, not a folder: "
+                    "choose a run.dir elsewhere)"
+                )
         if not _holds_run(path):
-            if path.exists() and any(path.iterdir()):
+            stale = set(ckpt.stale_temporaries(path)) if path.is_dir() else set()
+            if path.exists() and any(p not in stale for p in path.iterdir()):
                 raise ValueError(
                     f"Invalid run.dir: {str(path)!r} (it exists and holds other files; a run "
                     "needs a new or empty directory)"
@@ -608,6 +680,18 @@ class Trainer:
                 "checkpoint); start it again in a new run.dir"
             )
         return ckpt.load(path / CHECKPOINT)
+
+    def _closing_records_written(self) -> bool:
+        """Whether ``metrics.jsonl`` ends with a complete ``end`` record: a run killed after
+        its final checkpoint but before that record is finished again on resume."""
+        import json
+
+        try:
+            data = (self.run_dir / "metrics.jsonl").read_bytes()
+            last = json.loads(data.splitlines()[-1]) if data.endswith(b"\n") else None
+        except (OSError, IndexError, ValueError):
+            return False
+        return isinstance(last, dict) and last.get("kind") == "end"
 
     @staticmethod
     def _finished_marker(path: Path) -> bool:
@@ -679,9 +763,13 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             self.stream.load_state_dict(state["stream"])
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            first = str(err).strip().splitlines()[0]
+            # torch's message spreads the mismatched keys over several lines
+            shown = " ".join(str(err).split()) or type(err).__name__
+            shown = shown if len(shown) <= 300 else shown[:297] + "..."
             raise ValueError(
-                f"Cannot resume {self.run_dir}: its checkpoint does not fit this run ({first})"
+                f"Cannot resume {self.run_dir}: its checkpoint does not fit this run ({shown}); "
+                "resume it with the model and optimizer it was written with, or start a new "
+                "run.dir"
             ) from None
         self.step = int(state["step"])
         self.passes_base = int(state["passes"])
@@ -913,9 +1001,15 @@ class Trainer:
         r = self.cfg.run
         resumed = self._resumed
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.stale_temporaries(self.run_dir):  # from a process killed mid-write
+            stale.unlink(missing_ok=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resumed:
             self.metrics.truncate_to(self.metrics_offset)
+        else:
+            # a checkpoint before anything else, so that a run killed at any later point can
+            # be resumed (a kill before it leaves an empty directory: a fresh start)
+            self._save_checkpoint()
         self.metrics.open()
         text = C.to_yaml(self.cfg)
         write_atomic(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
@@ -945,7 +1039,12 @@ class Trainer:
         """Train until a budget is reached; see :func:`train`."""
         r = self.cfg.run
         self._wall_start = _now()
-        if self._resumed and self.finished and self._budget_reason() is not None:
+        if (
+            self._resumed
+            and self.finished
+            and self._budget_reason() is not None
+            and self._closing_records_written()
+        ):
             return self._result(self._budget_reason() or "finished", self.last_eval)
         old_threads = torch.get_num_threads()
         old_deterministic = torch.are_deterministic_algorithms_enabled()
