@@ -32,9 +32,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check src tests benchmarks
 
+# Every benchmark script in benchmarks/, one after the other, each with the arguments that
+# benchmarks/RESULTS.md records for it (BENCH_ARGS_<script name>; none for most).
+BENCHMARKS := $(sort $(wildcard benchmarks/*.py))
+BENCH_ARGS_loader_overhead := --threads 1
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/optim_step.py
-	$(BIN)/python benchmarks/loader_overhead.py --threads 1
+	@set -e; $(foreach b,$(BENCHMARKS),echo "== $(b)"; \
+		$(BIN)/python $(b) $(BENCH_ARGS_$(basename $(notdir $(b)))); )
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -171,6 +171,55 @@ def _cmd_surface(args: argparse.Namespace) -> None:
     _print_analysis(out)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from valleys.bench import report, sweep_exec
+
+    result = sweep_exec.run(
+        args.spec,
+        full=args.full,
+        out=args.out,
+        workers=args.workers,
+        threads=args.threads,
+        overrides=args.overrides,
+        only=args.only or (),
+        ray=args.ray,
+        analyses=not args.no_analyses,
+        progress=not args.no_progress,
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        return 0
+    states = ("done", "skipped", "diverged", "failed")
+    counts = ", ".join(f"{result.count(s)} {s}" for s in states if result.count(s))
+    print(f"valleys sweep: {counts or 'nothing to do'}; runs in {result.out}")
+    if args.report:
+        built = report.build(result.out)
+        print(f"report: {built.markdown} and {built.html}")
+    else:
+        print(f"report: valleys report {result.out}")
+    if result.failed:
+        names = ", ".join(r["id"] for r in result.failed[:5])
+        more = f" and {len(result.failed) - 5} more" if len(result.failed) > 5 else ""
+        print(f"valleys sweep: {len(result.failed)} runs failed ({names}{more})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from valleys.bench import report
+
+    options = {
+        "metric": args.metric,
+        "times": args.times,
+        "epochs": args.epochs,
+        "effective_epochs": args.effective_epochs,
+        "targets": args.target,
+        "target_axis": args.target_axis,
+    }
+    built = report.build(args.sweep_dir, args.out, **{k: v for k, v in options.items() if v})
+    print(f"valleys report: {built.markdown}, {built.html} ({len(built.figures)} figure files)")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from valleys import data, models, optim, schedules
 
@@ -315,6 +364,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p, "evaluation batch size (default: the run's data.eval_batch_size)")
     p.set_defaults(func=_cmd_surface)
 
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep (optimizers x grid x seeds x budgets) in parallel, resumably",
+        description=(
+            "Expand a sweep file (configs/sweeps/*.yaml) into runs under runs/sweeps/<name> and "
+            "train them in worker processes; complete runs are skipped and interrupted ones "
+            "resumed, so the same command continues a sweep. key=value items override every run."
+        ),
+    )
+    p.add_argument("spec", metavar="SWEEP_FILE", help="sweep file (e.g. configs/sweeps/knee.yaml)")
+    p.add_argument("--full", action="store_true", help="the file's full (paper, GPU) scale")
+    p.add_argument("--out", help="sweep folder (default runs/sweeps/<name>[-full])")
+    p.add_argument("--workers", type=int, help="parallel runs (default: cores / threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--only", nargs="+", metavar="GLOB", help="runs whose name matches")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (auto, host:port)")
+    p.add_argument("--no-analyses", action="store_true", help="skip the file's analyses")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state")
+    p.add_argument("--report", action="store_true", help="write the report afterwards")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="tables, figures and an HTML page of a sweep folder",
+        description=(
+            "Mean ± std and 95% CI over seeds of the metric after T seconds, N epochs and N "
+            "effective epochs, the best and final metric, the time to a target, sharpness; "
+            "curves with seed bands, histograms, schedules, performance profiles. Options "
+            "default to the sweep file's report: section."
+        ),
+    )
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="folder written by valleys sweep")
+    p.add_argument("--out", help="output folder (default SWEEP_DIR/report)")
+    p.add_argument("--metric", help="e.g. test_accuracy, test_loss, test_mse")
+    p.add_argument("--times", type=float, nargs="+", metavar="S", help="training seconds")
+    p.add_argument("--epochs", type=float, nargs="+", metavar="N", help="epochs")
+    p.add_argument("--effective-epochs", type=float, nargs="+", metavar="N", help="passes")
+    p.add_argument("--target", type=float, help="target metric for time-to-target")
+    p.add_argument("--target-axis", choices=("seconds", "epochs", "effective_epochs", "steps"))
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("list", help="list optimizers, models, datasets and schedules")
     p.set_defaults(func=_cmd_list)
     return parser
@@ -324,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``valleys`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split("\n"))
         print(f"valleys {args.command}: error: {message}", file=sys.stderr)
@@ -339,4 +431,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"valleys {args.command}: {err}", file=sys.stderr)
         return 1
-    return 0
+    return int(code or 0)
