@@ -377,6 +377,7 @@ def _drive(executor: Any, payloads: list, progress: bool, echo: Callable) -> lis
                 bar.bar.refresh()
     except KeyboardInterrupt:
         executor.stop()
+        say("interrupted: each run keeps its last checkpoint; the same command resumes the sweep")
         raise
     finally:
         bar.close()
