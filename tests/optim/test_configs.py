@@ -23,7 +23,10 @@ def test_config_builds_its_optimizer(name):
     assert set(hparams) <= set(accepted)
     if "betas" in hparams:
         hparams["betas"] = tuple(hparams["betas"])
-    opt = optim.get(name, [torch.nn.Parameter(torch.zeros(2))], **hparams)
+    if entry.takes_model:  # built from a model and its loss (SGN)
+        opt = optim.get(name, torch.nn.Linear(2, 1), loss_fn="mse", **hparams)
+    else:
+        opt = optim.get(name, [torch.nn.Parameter(torch.zeros(2))], **hparams)
     group = opt.param_groups[0]
     for key, value in hparams.items():
         assert group[key] == value, key

@@ -1,7 +1,9 @@
 """The contract every optimizer of the registry honours.
 
 Adding an optimizer to the registry makes this file test it; the tables below must then get
-an entry for it (``test_tables_cover_the_registry`` fails until they do).
+an entry for it (``test_tables_cover_the_registry`` fails until they do). Entries built from
+the model (``takes_model``: SGN) are built by :func:`make_optimizer` from the same model and the
+cross-entropy, and read the step's batch from the closure's ``batch()``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ HPARAMS: dict[str, dict] = {
     "entropy_sgd": {"lr": 1.0, "langevin_steps": 3, "scope": 1e-3, "weight_decay": 1e-3},
     "vsgd": {"lr": 0.05, "weight_decay": 1e-3},
     "sam": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "rho": 0.05},
+    "sgn": {
+        "damping_min": 1e-6,
+        "cg_max_iters": 3,
+        "cg_warmup_iters": 5,
+        "cg_warmup_steps": 2,
+        "momentum": 0.5,
+    },
 }
 
 # Hyperparameters each entry must reject with ValueError.
@@ -63,6 +72,27 @@ INVALID: dict[str, list[dict]] = {
         {"lr": -0.1},
         {"momentum": -0.5},
     ],
+    "sgn": [
+        {"lr": -1.0},
+        {"damping": -1e-3},
+        {"damping_min": float("nan")},
+        {"trust_region": 1},
+        {"damping_schedule": "exp"},
+        {"damping_schedule_steps": 0},
+        {"cg_max_iters": 0},
+        {"cg_warmup_iters": 2.5},
+        {"cg_warmup_steps": -1},
+        {"cg_tol": -1.0},
+        {"precondition": "yes"},
+        {"precond_exponent": 1.5},
+        {"momentum": 1.0},
+        {"line_search": None},
+        {"ls_c": 0.0},
+        {"ls_factor": 1.0},
+        {"ls_max_iters": -1},
+        {"faithful": 0},
+        {"loss_fn": "hinge"},
+    ],
 }
 
 NAMES = optim.names()
@@ -71,6 +101,16 @@ NAMES = optim.names()
 def _without_noise(name: str, hp: dict) -> dict:
     """The same hyperparameters with injected noise off, for deterministic comparisons."""
     return {**hp, "noise": 0.0} if "noise" in optim.spec(name).hyperparameters() else hp
+
+
+def make_optimizer(
+    name: str, model: torch.nn.Module, hp: dict, params=None
+) -> torch.optim.Optimizer:
+    """The registry entry ``name`` over ``model``'s parameters (or ``params``), or built from
+    the model and the cross-entropy for entries that take the model."""
+    if optim.spec(name).takes_model:
+        return optim.get(name, model, **{"loss_fn": "cross_entropy", **hp})
+    return optim.get(name, model.parameters() if params is None else params, **hp)
 
 
 class Batches:
@@ -82,14 +122,29 @@ class Batches:
         self.gen = torch.Generator().manual_seed(seed)
 
     def closure(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=self.gen)
-            loss = torch.nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
-            loss.backward()
-            return loss
+        return _Closure(self, model, opt)
 
-        return closure
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=self.gen)
+        return self.x[idx], self.y[idx]
+
+
+class _Closure:
+    """Each call zeroes the gradients, draws a fresh batch and returns the loss with its
+    gradients; ``batch()`` draws a fresh batch for optimizers that evaluate it themselves."""
+
+    def __init__(self, batches: Batches, model: torch.nn.Module, opt: torch.optim.Optimizer):
+        self.batches, self.model, self.opt = batches, model, opt
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches.draw()
+
+    def __call__(self) -> torch.Tensor:
+        self.opt.zero_grad()
+        xb, yb = self.batch()
+        loss = torch.nn.functional.cross_entropy(self.model(xb), yb)
+        loss.backward()
+        return loss
 
 
 def _full_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -108,7 +163,7 @@ def test_loss_decreases(name, dtype):
     torch.manual_seed(0)
     x, y = classification_data(dtype=dtype)
     model = tiny_classifier(dtype=dtype)
-    opt = optim.get(name, model.parameters(), **HPARAMS[name])
+    opt = make_optimizer(name, model, HPARAMS[name])
     closure = Batches(x, y).closure(model, opt)
     before = _full_loss(model, x, y)
     for _ in range(60):
@@ -130,7 +185,7 @@ def test_resume_is_bit_identical(name):
 
     def build():
         model = tiny_classifier(seed=1)
-        return model, optim.get(name, model.parameters(), **HPARAMS[name])
+        return model, make_optimizer(name, model, HPARAMS[name])
 
     torch.manual_seed(0)
     model, opt = build()
@@ -172,13 +227,21 @@ def test_invalid_hyperparameters_raise(name):
     for bad in INVALID[name]:
         p = torch.nn.Parameter(torch.zeros(3))
         with pytest.raises(ValueError):
-            optim.get(name, [p], **bad)
+            make_optimizer(name, torch.nn.Linear(3, 2), bad, params=[p])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_param_groups_are_independent(name):
-    """Two groups with their own lr on a separable loss move exactly as two optimizers would."""
+    """Two groups with their own lr on a separable loss move exactly as two optimizers would;
+    an optimizer that solves one system over all parameters (SGN) has one group and refuses
+    another."""
     hp = _without_noise(name, HPARAMS[name])
+    if optim.spec(name).takes_model:
+        opt = make_optimizer(name, tiny_classifier(), hp)
+        assert len(opt.param_groups) == 1
+        with pytest.raises(ValueError, match="one system"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+        return
     lr_a, lr_b = hp["lr"], hp["lr"] / 3
     xa, ya = least_squares(seed=1)
     xb, yb = least_squares(seed=2)
@@ -230,7 +293,9 @@ def test_parameters_without_grad_are_untouched(name):
     model = tiny_classifier()
     unused = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     frozen = unused.detach().clone()
-    opt = optim.get(name, [*model.parameters(), unused], **HPARAMS[name])
+    if optim.spec(name).takes_model:  # a parameter of the model that the loss does not use
+        model.register_parameter("unused", unused)
+    opt = make_optimizer(name, model, HPARAMS[name], params=[*model.parameters(), unused])
     closure = Batches(x, y).closure(model, opt)
     for _ in range(3):
         opt.step(closure)
@@ -241,7 +306,7 @@ def test_parameters_without_grad_are_untouched(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_closure_requirement_is_declared(name):
     p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
-    opt = optim.get(name, [p], **HPARAMS[name])
+    opt = make_optimizer(name, torch.nn.Linear(2, 1).double(), HPARAMS[name], params=[p])
     if optim.spec(name).needs_closure:
         with pytest.raises((TypeError, ValueError)):
             opt.step()

@@ -1,13 +1,16 @@
 """Optimizers and their registry.
 
-valleys' own optimizers (``EntropySGD``, ``VSGD``, ``SAM``) sit next to torch's SGD, Nesterov,
-Adam and AdamW under one lookup, so that a name and a dict of hyperparameters (from a config
-file or the command line) build any of them::
+valleys' own optimizers (``EntropySGD``, ``VSGD``, ``SGN``, ``SAM``) sit next to torch's SGD,
+Nesterov, Adam and AdamW under one lookup, so that a name and a dict of hyperparameters (from a
+config file or the command line) build any of them::
 
     opt = valleys.optim.get("entropy_sgd", model.parameters(), lr=1.0, langevin_steps=20)
 
 Every entry follows torch.optim's conventions; the ones marked ``needs_closure`` call the
-closure several times per step (see each class for how many and on which batch).
+closure several times per step (see each class for how many and on which batch). Entries
+marked ``takes_model`` (SGN) are built from the model and its loss instead of parameters::
+
+    opt = valleys.optim.get("sgn", model, loss_fn="cross_entropy", cg_max_iters=3)
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from valleys import _validate as check
 from valleys.optim.entropy_sgd import EntropySGD
 from valleys.optim.sam import SAM
+from valleys.optim.sgn import SGN
 from valleys.optim.vsgd import VSGD
 
-__all__ = ["SAM", "VSGD", "EntropySGD", "OptimizerSpec", "get", "names", "spec"]
+__all__ = ["SAM", "SGN", "VSGD", "EntropySGD", "OptimizerSpec", "get", "names", "spec"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,11 @@ class OptimizerSpec:
     ``cls`` is the optimizer class; ``preset`` holds hyperparameters that define the entry on
     top of the class defaults (``nesterov`` is torch's SGD with ``momentum=0.9,
     nesterov=True``); ``needs_closure`` says whether ``step`` must be given a closure;
-    ``same_batch`` that every evaluation of one step must see the same mini-batch (the
-    training loop's closure then hands out one batch per step); ``wraps`` that the class wraps
-    a base optimizer named by its ``base`` hyperparameter and takes that optimizer's
-    hyperparameters too (SAM; see :meth:`accepted`).
+    ``takes_model`` that the class is built as ``cls(model, loss_fn, **hparams)`` rather than
+    from parameters; ``same_batch`` that every evaluation of one step must see the same
+    mini-batch (the training loop's closure then hands out one batch per step); ``wraps``
+    that the class wraps a base optimizer named by its ``base`` hyperparameter and takes that
+    optimizer's hyperparameters too (SAM; see :meth:`accepted`).
     """
 
     name: str
@@ -45,16 +51,16 @@ class OptimizerSpec:
     summary: str
     preset: Mapping[str, Any] = field(default_factory=dict)
     needs_closure: bool = False
+    takes_model: bool = False
     same_batch: bool = False
     wraps: bool = False
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter this entry accepts with its default (preset applied)."""
         params = inspect.signature(self.cls.__init__).parameters
+        skip = ("self", "model", "loss_fn") if self.takes_model else ("self", "params")
         out = {
-            k: p.default
-            for k, p in params.items()
-            if k not in ("self", "params") and p.kind is not p.VAR_KEYWORD
+            k: p.default for k, p in params.items() if k not in skip and p.kind is not p.VAR_KEYWORD
         }
         out.update(self.preset)
         return out
@@ -97,6 +103,14 @@ _REGISTRY: dict[str, OptimizerSpec] = {
             same_batch=True,
             wraps=True,
         ),
+        OptimizerSpec(
+            "sgn",
+            SGN,
+            "Stochastic generalised Gauss-Newton (Gargiani et al. 2020), CG on one batch",
+            needs_closure=True,
+            takes_model=True,
+            same_batch=True,
+        ),
     )
 }
 
@@ -114,15 +128,36 @@ def spec(name: str) -> OptimizerSpec:
         raise check.unknown("optimizer", name, _REGISTRY) from None
 
 
-def get(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
+def get(name: str, params: Iterable[Any] | nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` over ``params``.
 
     ``hparams`` override the entry's preset and the class defaults. An unknown name or
     hyperparameter raises ``ValueError`` listing the valid ones (with the closest match).
+    For an entry built from the model (``takes_model``: SGN) ``params`` is the ``nn.Module``
+    and ``hparams`` must hold ``loss_fn``.
     """
     entry = spec(name)
     accepted = entry.accepted(hparams)
+    loss_fn = hparams.pop("loss_fn", None) if entry.takes_model else None
     for key in hparams:
         if key not in accepted:
             raise check.unknown(f"hyperparameter of optimizer {name!r}", key, accepted)
+    if entry.takes_model:
+        return _build_from_model(entry, params, loss_fn, {**entry.preset, **hparams})
     return entry.cls(params, **{**entry.preset, **hparams})
+
+
+def _build_from_model(
+    entry: OptimizerSpec, model: Any, loss_fn: Any, hparams: dict[str, Any]
+) -> torch.optim.Optimizer:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"Invalid params for optimizer {entry.name!r}: it is built from the model and its "
+            f"loss, not from parameters (optim.get({entry.name!r}, model, loss_fn=..., ...))"
+        )
+    if loss_fn is None:
+        raise ValueError(
+            f"Missing loss_fn for optimizer {entry.name!r}: pass loss_fn='cross_entropy', 'mse' "
+            "or a callable loss(outputs, targets)"
+        )
+    return entry.cls(model, loss_fn, **hparams)

@@ -1,0 +1,406 @@
+r"""SGN: stochastic generalised Gauss–Newton (Gargiani, Zanelli, Diehl, Hutter 2020).
+
+M. Gargiani, A. Zanelli, M. Diehl, F. Hutter, "On the Promise of the Stochastic Generalized
+Gauss-Newton Method for Training DNNs", arXiv:2006.02409. Each step approximately solves a
+Levenberg–Marquardt-damped GGN system on the current mini-batch with a few conjugate-gradient
+iterations, then sets the step size by a backtracking line search and the damping by a
+trust-region rule. The GGN products come from :func:`valleys.curvature.ggn_fn`, the solver
+from :func:`valleys.linalg.cg`; the pure functions :func:`scheduled_damping` and
+:func:`trust_region_update` hold the two damping rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from valleys import _validate as check
+from valleys import curvature, linalg
+
+__all__ = ["DAMPING_SCHEDULES", "SGN", "scheduled_damping", "trust_region_update"]
+
+DAMPING_SCHEDULES = ("const", "linear", "cos")
+
+
+def scheduled_damping(
+    step: int, initial: float, minimum: float, schedule: str, steps: int
+) -> float:
+    """The damping ρ_t of step ``step`` (1, 2, …) when the trust region is off.
+
+    ``"const"``: ρ_0. ``"linear"``: ``max(ρ_0 + (ρ_min − ρ_0)(t − 1)/(K − 1), ρ_min)``, reaching
+    ρ_min at step K (at once when K = 1). ``"cos"``: ``ρ_0 cos(π t / (2K))``, replaced by ρ_min
+    when below it or when t > K.
+    """
+    if schedule == "const":
+        return initial
+    if schedule == "linear":
+        if steps <= 1:
+            return minimum
+        return max(initial + (minimum - initial) * (step - 1) / (steps - 1), minimum)
+    if schedule == "cos":
+        value = initial * math.cos(math.pi * step / (2 * steps))
+        return minimum if value < minimum or step > steps else value
+    raise ValueError(
+        f"Invalid damping_schedule: {schedule!r} (expected one of {DAMPING_SCHEDULES})"
+    )
+
+
+def trust_region_update(damping: float, ratio: float, minimum: float) -> float:
+    """ρ after a step whose actual/predicted decrease ratio is ``ratio``: ×1.5 below 1/4,
+    ×2/3 above 3/4 (not below ``minimum``), unchanged otherwise or for a NaN ratio."""
+    if ratio < 0.25:
+        return 1.5 * damping
+    if ratio > 0.75:
+        return max(damping * 2.0 / 3.0, minimum)
+    return damping
+
+
+def _validated(hp: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": check.nonneg("lr", hp["lr"]),
+        "damping": check.nonneg("damping", hp["damping"]),
+        "damping_min": check.nonneg("damping_min", hp["damping_min"]),
+        "trust_region": check.flag("trust_region", hp["trust_region"]),
+        "damping_schedule": check.choice(
+            "damping_schedule", hp["damping_schedule"], DAMPING_SCHEDULES
+        ),
+        "damping_schedule_steps": check.count(
+            "damping_schedule_steps", hp["damping_schedule_steps"], 1
+        ),
+        "cg_max_iters": check.count("cg_max_iters", hp["cg_max_iters"], 1),
+        "cg_warmup_iters": check.count("cg_warmup_iters", hp["cg_warmup_iters"], 1),
+        "cg_warmup_steps": check.count("cg_warmup_steps", hp["cg_warmup_steps"]),
+        "cg_tol": check.nonneg("cg_tol", hp["cg_tol"]),
+        "precondition": check.flag("precondition", hp["precondition"]),
+        "precond_exponent": check.interval("precond_exponent", hp["precond_exponent"], 0.0, 1.0),
+        "momentum": check.interval("momentum", hp["momentum"], 0.0, 1.0, high_open=True),
+        "line_search": check.flag("line_search", hp["line_search"]),
+        "ls_c": check.interval("ls_c", hp["ls_c"], 0.0, 1.0, low_open=True, high_open=True),
+        "ls_factor": check.interval(
+            "ls_factor", hp["ls_factor"], 0.0, 1.0, low_open=True, high_open=True
+        ),
+        "ls_max_iters": check.count("ls_max_iters", hp["ls_max_iters"]),
+        "faithful": check.flag("faithful", hp["faithful"]),
+    }
+
+
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+class SGN(torch.optim.Optimizer):
+    r"""Stochastic generalised Gauss–Newton (Gargiani et al. 2020), for any ``nn.Module``.
+
+    **Update.** With ``z = f(x; θ)`` the model outputs on the batch, ``ℓ`` the mean loss,
+    ``J = ∂z/∂θ``, ``H_ℓ = ∂²ℓ/∂z²`` and ``G = Jᵀ H_ℓ J`` (the GGN), a step on the batch B::
+
+        ℓ_0, g ← loss and gradient on B;  t ← t + 1
+        m ← β m + (1 − β) g;  m̂ ← m / (1 − β^t)                  (β = 0: m̂ = g)
+        ρ_t ← ρ (trust region) or the damping schedule at t
+        k_max ← cg_warmup_iters during the first cg_warmup_steps steps, cg_max_iters after
+        Δ ← CG on (G + ρ_t I) Δ = −m̂ from Δ = 0, at most k_max iterations or ‖r‖_∞ ≤ cg_tol,
+            preconditioned by M = (m̂ ⊙ m̂ + ρ_t)^(−precond_exponent) if ``precondition``
+        α ← α_0;  ℓ_1 ← ℓ(θ + α Δ; B)                              (if LS or TR)
+        TR:  pred = α<g, Δ> + ½ α² Δᵀ(G + ρ_t I)Δ;  r = (ℓ_1 − ℓ_0)/pred
+             ρ ← 1.5 ρ if r < 1/4;  ρ ← max(⅔ ρ, ρ_min) if r > 3/4
+        LS:  while ℓ_1 > ℓ_0 + c α <m̂, Δ> and i < ls_max_iters:  α ← γ α;  ℓ_1 ← ℓ(θ + α Δ; B)
+        θ ← θ + α Δ
+
+    **Symbols and arguments.** α_0 — ``lr`` (the original ALPHA, default 1: the Gauss–Newton
+    step; a learning-rate schedule scales it). ρ_0 — ``damping`` (DAMP_RHO, 1e-3; the paper's
+    runs use 1e-4). ρ_min — ``damping_min`` (DAMP_RHO_MIN, 0; the runs use 1e-6). TR —
+    ``trust_region`` (default on, as the README and scripts; the original class defaults to
+    off). Schedule — ``damping_schedule`` ∈ {"const", "linear", "cos"} over K =
+    ``damping_schedule_steps`` steps (RHO_DECAY, K; used only with the trust region off; see
+    :func:`scheduled_damping`). ``cg_max_iters`` (MAX_CG_ITERS, 10; the paper uses 1–10),
+    ``cg_warmup_iters`` and ``cg_warmup_steps`` (the original's MIN_CG_ITERS and K_CG, which
+    had no defaults; the scripts' 10 and 10), ``cg_tol`` (CG_TOL, an absolute max-norm
+    tolerance, 1e-6: in practice every step runs k_max iterations). ``precondition``
+    (CG_PREC, off) and ``precond_exponent`` (ALPHA_EXP ∈ [0, 1], 1). β — ``momentum`` (BETA,
+    0). LS — ``line_search`` (on), c — ``ls_c`` (C_LS, 1e-4), γ — ``ls_factor`` (RHO_LS,
+    0.5), ``ls_max_iters`` (MAX_LS_ITERS, 10). The trust-region rule runs on the α_0 trial
+    point, before the line search, as in the original.
+
+    **Differences from the original** (``faithful=True`` restores its behaviour):
+
+    1. Armijo: the bound is ``ℓ_0 + c α <m̂, Δ>`` with the current α; the original computes it
+       once with α_0, so backtracking never tightens it.
+    2. A step whose loss has not decreased after the last backtrack (Armijo still failing and
+       ``ℓ_1 ≥ ℓ_0``), or whose trial loss is not finite, is rejected (θ unchanged, α = 0);
+       the original keeps the last, tiny step whatever its loss (and lets a NaN loss pass the
+       test, as ``NaN > bound`` is false).
+    3. Trust region: the ratio is used only when ``pred < 0`` and ``ℓ_1`` is finite; otherwise
+       the model promised no decrease and ρ grows by 1.5 (the original divides by any
+       ``pred``, and a positive ``pred`` with an increased loss could shrink ρ). ``pred`` is
+       the damped quadratic model of the loss with the gradient g at the trial point αΔ; the
+       original's ``½ <r + g, Δ>`` (r its CG residual ``(G + ρI)Δ + m̂``) equals it for
+       β = 0 and α_0 = 1 only.
+    4. A non-finite CG solution rejects the step (and grows ρ under the trust region); the
+       original raises (``faithful=True`` raises ``FloatingPointError``).
+    5. Warm-up length: cg_warmup_iters are used for steps t = 1 … cg_warmup_steps; the
+       original's test ``t ≥ K_CG`` (after incrementing t) gives K_CG − 1 warm-up steps.
+
+    **Calling.** ``loss = opt.step(inputs, targets)`` returns ℓ_0 (the pre-step loss, a 0-d
+    tensor). Every evaluation of a step uses that one batch: the gradient, the CG products,
+    the trust-region and line-search losses. ``model`` and ``loss_fn`` are given to the
+    constructor; ``loss_fn`` is ``"cross_entropy"``, ``"mse"``, a torch loss or any
+    ``loss(z, y)`` (:func:`valleys.curvature.output_loss`). The closure form
+    ``opt.step(closure)`` takes an object whose ``batch()`` returns the step's
+    ``(inputs, targets)`` (``valleys.train.make_closure(..., same_batch=True)``); SGN never
+    calls the closure itself, since it computes every pass through the model on its own, and
+    reports the step's passes to ``closure.add_passes(n)`` if the closure has it.
+
+    **Cost.** One forward and backward pass for loss and gradient (the same pass prepares the
+    GGN products), one GGN product per CG iteration (about one gradient each), one forward
+    pass per trial loss (1 + backtracks with LS or TR). BatchNorm running statistics are
+    updated once per step; dropout uses one set of masks for all of a step's evaluations (see
+    :mod:`valleys.curvature`).
+
+    **State.** In ``state[first parameter]``: ``step`` (t) and ``damping`` (the adaptive ρ);
+    in ``state[p]``: ``momentum_buffer`` (m) when β > 0. ``state_dict`` resumes exactly. SGN
+    has one parameter group: the trainable parameters of ``model`` (``requires_grad``),
+    solved as one system.
+
+    **Statistics.** :meth:`stats` (see there).
+
+    Example::
+
+        opt = SGN(model, "cross_entropy", damping=1e-4, damping_min=1e-6, cg_max_iters=3)
+        for x, y in loader:
+            loss = opt.step(x, y)
+    """
+
+    # The curvature products' method (valleys.curvature.ggn_fn) and how often CG tests its
+    # tolerance (1: every iteration, as the original; higher values save host syncs on GPUs).
+    curvature_method: str = "auto"
+    cg_check_every: int = 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        damping_min: float = 0.0,
+        trust_region: bool = True,
+        damping_schedule: str = "const",
+        damping_schedule_steps: int = 10,
+        cg_max_iters: int = 10,
+        cg_warmup_iters: int = 10,
+        cg_warmup_steps: int = 10,
+        cg_tol: float = 1e-6,
+        precondition: bool = False,
+        precond_exponent: float = 1.0,
+        momentum: float = 0.0,
+        line_search: bool = True,
+        ls_c: float = 1e-4,
+        ls_factor: float = 0.5,
+        ls_max_iters: int = 10,
+        faithful: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            check.fail("model", type(model).__name__, "SGN needs the torch.nn.Module itself")
+        self.model = model
+        self.loss = curvature.output_loss(loss_fn)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        defaults = _validated(dict(locals()))  # every argument from lr on
+        self._last_stats: dict[str, Tensor | float] = {}
+        super().__init__([p for _, p in named], defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """SGN has exactly one group (built by the constructor)."""
+        if self.param_groups:
+            raise ValueError(
+                "Invalid param group: SGN solves one system over all trainable parameters of "
+                "its model and takes no further groups"
+            )
+        super().add_param_group(param_group)
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (empty before the first):
+
+        * ``damping`` — ρ_t used by the step; ``damping_next`` — ρ after the trust region;
+        * ``alpha`` — the accepted step size α (0 if the step was rejected);
+        * ``cg_iters``, ``cg_residual`` — CG iterations and the final ‖r‖_∞;
+        * ``ls_iters`` — backtracks; ``tr_ratio`` — actual/predicted decrease (trust region
+          on; NaN when undefined);
+        * ``passes`` — passes over the batch: 1 (gradient) + CG products + trial losses;
+        * ``rejected`` — 1 if θ was left unchanged.
+        """
+        return {k: float(v) for k, v in self._last_stats.items()}
+
+    @torch.no_grad()
+    def step(self, inputs: Any = None, targets: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """One SGN step on the batch ``(inputs, targets)`` (or ``closure.batch()``); returns
+        the loss before the step."""
+        closure = None
+        if targets is None and callable(getattr(inputs, "batch", None)):
+            closure = inputs
+            inputs, targets = closure.batch()
+        if inputs is None or targets is None:
+            raise TypeError(
+                "SGN.step needs the mini-batch: opt.step(inputs, targets), or a closure with a "
+                "batch() method such as valleys.train.make_closure(..., same_batch=True)"
+            )
+        group = self.param_groups[0]
+        params: list[Tensor] = group["params"]
+        gstate = self.state[params[0]]
+        t = int(gstate.get("step", 0)) + 1
+        rho_adaptive = float(gstate.get("damping", group["damping"]))
+        faithful = group["faithful"]
+
+        prod = curvature.ggn_fn(
+            self.model,
+            self.loss,
+            inputs,
+            targets,
+            params=dict(zip(self._names, params, strict=True)),
+            method=self.curvature_method,
+            update_buffers=True,
+        )
+        loss0, grad = prod.loss, prod.grad
+        mhat = self._momentum(params, grad, group["momentum"], t)
+
+        if group["trust_region"]:
+            rho = rho_adaptive
+        else:
+            rho = scheduled_damping(
+                t,
+                group["damping"],
+                group["damping_min"],
+                group["damping_schedule"],
+                group["damping_schedule_steps"],
+            )
+        warm = t < group["cg_warmup_steps"] if faithful else t <= group["cg_warmup_steps"]
+        kmax = group["cg_warmup_iters"] if warm else group["cg_max_iters"]
+        precond = None
+        if group["precondition"]:
+            precond = [(m * m + rho).pow_(-group["precond_exponent"]) for m in mhat]
+        res = linalg.cg(
+            prod,
+            torch._foreach_neg(mhat),
+            max_iters=kmax,
+            tol=group["cg_tol"],
+            norm_ord=math.inf,
+            shift=rho,
+            precond=precond,
+            check_every=self.cg_check_every,
+        )
+        delta: list[Tensor] = res.x  # type: ignore[assignment]
+        outcome = self._apply(prod, params, grad, mhat, delta, res.residual, rho, group)
+
+        stats: dict[str, Tensor | float] = {
+            "damping": rho,
+            "alpha": outcome["alpha"],
+            "cg_iters": res.iters,
+            "cg_residual": res.residual_norms[-1],
+            "ls_iters": outcome["ls_iters"],
+            "passes": 1 + res.iters + outcome["evals"],
+            "rejected": float(outcome["rejected"]),
+        }
+        if group["trust_region"]:
+            ratio = outcome["ratio"]
+            rho_adaptive = (
+                1.5 * rho_adaptive
+                if ratio is None
+                else trust_region_update(rho_adaptive, ratio, group["damping_min"])
+            )
+            stats["tr_ratio"] = math.nan if ratio is None else ratio
+        stats["damping_next"] = rho_adaptive if group["trust_region"] else rho
+        gstate["step"] = t
+        gstate["damping"] = rho_adaptive
+        self._last_stats = stats
+        add_passes = getattr(closure, "add_passes", None)
+        if callable(add_passes):
+            add_passes(int(stats["passes"]))
+        return loss0
+
+    def _momentum(self, params: list[Tensor], grad: list[Tensor], beta: float, t: int):
+        """m̂: the bias-corrected EMA of the gradients (the gradient itself when β = 0)."""
+        if beta == 0:
+            return grad
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, beta)
+        torch._foreach_add_(bufs, grad, alpha=1.0 - beta)
+        return list(torch._foreach_div(bufs, 1.0 - beta**t))
+
+    def _apply(
+        self,
+        prod: curvature.Products,
+        params: list[Tensor],
+        grad: list[Tensor],
+        mhat: list[Tensor],
+        delta: list[Tensor],
+        residual: list[Tensor],
+        rho: float,
+        group: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Trust-region ratio, line search and the update of θ. Returns α, the ratio (None
+        when undefined), backtracks, trial evaluations and whether θ was left unchanged."""
+        faithful = group["faithful"]
+        alpha0 = float(group["lr"])
+        out = {"alpha": alpha0, "ratio": None, "ls_iters": 0, "evals": 0, "rejected": False}
+        if not _finite(linalg.norm(delta, math.inf)):
+            if faithful:
+                raise FloatingPointError(
+                    "SGN: the CG solution is not finite (raise damping or lower lr)"
+                )
+            out.update(alpha=0.0, rejected=True)
+            return out
+        use_ls, use_tr = group["line_search"], group["trust_region"]
+        if not (use_ls or use_tr):
+            torch._foreach_add_(params, delta, alpha=alpha0)
+            return out
+
+        loss0 = prod.loss
+
+        def trial_at(alpha: float) -> tuple[list[Tensor], Tensor]:
+            point = list(torch._foreach_add(params, delta, alpha=alpha))
+            out["evals"] += 1
+            return point, prod.loss_at(point)
+
+        point, loss1 = trial_at(alpha0)
+        if use_tr:
+            if faithful:  # ½ <r + g, Δ> with the original's residual r = (G + ρI)Δ + m̂
+                pred = 0.5 * linalg.dot(torch._foreach_sub(grad, residual), delta)
+                ratio = float((loss1 - loss0) / pred)
+                out["ratio"] = ratio
+            else:  # α<g, Δ> + ½α² Δᵀ(G + ρI)Δ, with (G + ρI)Δ = −m̂ − r
+                curv = -linalg.dot(torch._foreach_add(mhat, residual), delta)
+                pred = float(alpha0 * linalg.dot(grad, delta) + 0.5 * alpha0**2 * curv)
+                actual = float(loss1 - loss0)
+                if pred < 0 and math.isfinite(actual):
+                    out["ratio"] = actual / pred
+        accept = True
+        if use_ls:
+            slope = float(linalg.dot(mhat, delta))
+            c, alpha, start = group["ls_c"], alpha0, float(loss0)
+
+            def fails(value: Tensor, a: float) -> bool:
+                bound = start + c * (alpha0 if faithful else a) * slope
+                v = float(value)
+                return v > bound if faithful else not v <= bound
+
+            while fails(loss1, alpha) and out["ls_iters"] < group["ls_max_iters"]:
+                out["ls_iters"] += 1
+                alpha *= group["ls_factor"]
+                point, loss1 = trial_at(alpha)
+            out["alpha"] = alpha
+            if not faithful and fails(loss1, alpha) and not bool(loss1 < loss0):
+                accept = False
+        elif not faithful and not _finite(loss1):
+            accept = False
+        if accept:
+            torch._foreach_copy_(params, point)
+        else:
+            out.update(alpha=0.0, rejected=True)
+        return out
