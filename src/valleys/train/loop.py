@@ -8,8 +8,10 @@ Steps, passes, epochs
 ---------------------
 A *step* is one ``optimizer.step``. A *pass* is one call of the closure: one forward and one
 backward pass on one mini-batch. SGD, Adam, VSGD… make one pass per step; Entropy-SGD makes
-``langevin_steps`` (each on a fresh batch). ``epoch`` is steps / steps per epoch (``N // B``,
-the Lua code's definition: an Entropy-SGD "epoch" consumes L batches per step) and
+``langevin_steps`` (each on a fresh batch); SGN counts every pass over its one batch of the
+step: the gradient, each CG product and each trial loss of its line search. ``epoch`` is
+steps / steps per epoch (``N // B``, the Lua code's definition: an Entropy-SGD "epoch"
+consumes L batches per step) and
 ``effective_epochs`` is passes / steps per epoch, the data actually processed; both are
 reported with the training time so that optimizers can be compared per step, per pass and
 per second.
@@ -201,6 +203,12 @@ class Closure:
         self.calls += 1
         return loss.detach()
 
+    def add_passes(self, n: int) -> None:
+        """Count ``n`` passes that the optimizer made on this step's batch by itself, without
+        calling the closure (SGN's curvature products and trial losses), so that ``calls``
+        counts every pass."""
+        self.calls += int(n)
+
 
 def make_closure(
     model: nn.Module,
@@ -223,6 +231,11 @@ def make_closure(
     later calls of the same step reuse it (the protocol of optimizers that evaluate one batch
     repeatedly, e.g. line searches); the loop takes the flag from the optimizer's registry
     entry (``OptimizerSpec.same_batch``). Call :meth:`Closure.begin_step` before each step.
+
+    Optimizers built from the model (``OptimizerSpec.takes_model``: SGN) are driven by the
+    same closure: they read the step's batch from :meth:`Closure.batch` (with
+    ``same_batch=True``), compute their passes themselves and report them through
+    :meth:`Closure.add_passes`.
     """
     return Closure(
         model,
@@ -327,6 +340,10 @@ def _align(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if out.shape != y.shape and out.numel() == y.numel():
         return out.reshape(y.shape)
     return out
+
+
+# The same losses by the names of valleys.curvature, for optimizers built from the model.
+LOSS_NAMES = {"classification": "cross_entropy", "regression": "mse"}
 
 
 def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -585,7 +602,11 @@ class Trainer:
             self.train_model = torch.compile(self.model, backend=r.compile_backend)
         spec = optim_registry.spec(cfg.optim.name)
         hparams = dict(cfg.optim.hparams)  # the user's values (validated), not the resolved
-        self.optimizer = optim_registry.get(cfg.optim.name, self.model.parameters(), **hparams)
+        if spec.takes_model:  # SGN: the model and the task's loss, uncompiled, in full precision
+            hparams["loss_fn"] = LOSS_NAMES[self.task]
+            self.optimizer = optim_registry.get(cfg.optim.name, self.model, **hparams)
+        else:
+            self.optimizer = optim_registry.get(cfg.optim.name, self.model.parameters(), **hparams)
         self.needs_closure = spec.needs_closure
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         s = self.cfg.schedule
@@ -622,7 +643,7 @@ class Trainer:
             loss_function(self.task),
             self.stream.next,
             self.optimizer,
-            same_batch=bool(getattr(spec, "same_batch", False)),
+            same_batch=spec.same_batch,
             autocast=self.autocast,
             scaler=self.scaler,
         )
