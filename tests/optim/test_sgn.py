@@ -381,3 +381,19 @@ def test_only_trainable_parameters_are_solved_for():
     assert torch.equal(p.model.bias.detach(), bias)
     with pytest.raises(ValueError, match=r"torch\.nn\.Module"):
         SGN([p.model.weight], "mse")
+
+
+def test_traced_and_eager_curvature_give_the_same_steps():
+    """The fast path (traced products) against the reference (torch.func jvp + vjp)."""
+    x, y = torch.randn(16, 4, dtype=D), torch.arange(16) % 3
+    runs = []
+    for method in ("traced", "jvp"):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+        opt = SGN(model, "cross_entropy", cg_max_iters=3, momentum=0.2, precondition=True)
+        opt.curvature_method = method
+        for _ in range(4):
+            opt.step(x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -333,6 +333,21 @@ class SGN(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grad, alpha=1.0 - beta)
         return list(torch._foreach_div(bufs, 1.0 - beta**t))
 
+    def _trial_buffer(self, params: list[Tensor]) -> list[Tensor]:
+        """Storage for trial points θ + αΔ, kept between steps (not part of the state): a
+        fresh parameter-sized allocation per trial costs more than the copy on the CPU."""
+        buf = getattr(self, "_trial", None)
+        fits = buf is not None and len(buf) == len(params)
+        if fits:
+            fits = all(
+                b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+                for b, p in zip(buf, params, strict=True)
+            )
+        if not fits:
+            buf = [torch.empty_like(p) for p in params]
+            self._trial = buf
+        return buf
+
     def _apply(
         self,
         prod: curvature.Products,
@@ -363,20 +378,24 @@ class SGN(torch.optim.Optimizer):
 
         loss0 = prod.loss
 
+        point = self._trial_buffer(params)
+
         def trial_at(alpha: float) -> tuple[list[Tensor], Tensor]:
-            point = list(torch._foreach_add(params, delta, alpha=alpha))
+            torch._foreach_copy_(point, params)
+            torch._foreach_add_(point, delta, alpha=alpha)
             out["evals"] += 1
             return point, prod.loss_at(point)
 
         point, loss1 = trial_at(alpha0)
         if use_tr:
-            if faithful:  # ½ <r + g, Δ> with the original's residual r = (G + ρI)Δ + m̂
-                pred = 0.5 * linalg.dot(torch._foreach_sub(grad, residual), delta)
+            g_delta, r_delta = linalg.dot(grad, delta), linalg.dot(residual, delta)
+            if faithful:  # ½ <r + g, Δ> with the original's residual r = (G + ρI)Δ + m̂ = −r_cg
+                pred = 0.5 * (g_delta - r_delta)
                 ratio = float((loss1 - loss0) / pred)
                 out["ratio"] = ratio
-            else:  # α<g, Δ> + ½α² Δᵀ(G + ρI)Δ, with (G + ρI)Δ = −m̂ − r
-                curv = -linalg.dot(torch._foreach_add(mhat, residual), delta)
-                pred = float(alpha0 * linalg.dot(grad, delta) + 0.5 * alpha0**2 * curv)
+            else:  # α<g, Δ> + ½α² Δᵀ(G + ρI)Δ, with (G + ρI)Δ = −m̂ − r_cg
+                curv = -(linalg.dot(mhat, delta) + r_delta)
+                pred = float(alpha0 * g_delta + 0.5 * alpha0**2 * curv)
                 actual = float(loss1 - loss0)
                 if pred < 0 and math.isfinite(actual):
                     out["ratio"] = actual / pred
