@@ -101,8 +101,9 @@ def _group_section(key, runs, opts, fig_dir, formats) -> tuple[list, dict, list[
     """Blocks, numbers and figures of one (task, budget)."""
     task, budget, _ = key
     metric = _metric(opts, [r for rs in runs.values() for r in rs])
-    title = " / ".join(p for p in (task, budget) if p) or "all runs"
-    blocks: list[tuple] = [("h", 2, f"Task {title}")]
+    title = " / ".join(p for p in (task, budget) if p)
+    blocks: list[tuple] = [("h", 2, f"Task {title}" if title else "Results")]
+    title = title or "all runs"
     up = T.higher_is_better(metric)
     unit = " (%)" if "accuracy" in metric else ""
     blocks.append(
