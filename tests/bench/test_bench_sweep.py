@@ -71,6 +71,8 @@ def test_expansion_names_order_and_configurations(tmp_path):
     assert (first["run"]["max_steps"], jobs[2].config["run"]["max_steps"]) == (4, 6)
     assert first["run"]["threads"] == 1 and first["run"]["progress"] is False
     assert first["run"]["dir"] == str((tmp_path / "out" / jobs[0].id).resolve())
+    wrapped = S._overlay(first, {"optim": {"name": "sam", "base": "sgd"}}, "test")
+    assert wrapped["optim"] == {"name": "sam", "base": "sgd", "lr": 0.1}  # kept for the base
     es = [j for j in jobs if j.optimizer == "es"]
     assert es[0].label == "es-langevin_steps=3" and es[0].config["optim"]["name"] == "entropy_sgd"
     full = S.expand(S.load_spec(spec.path, full=True), overrides=["run.device=cpu"])

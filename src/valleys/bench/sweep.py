@@ -8,8 +8,7 @@ grid × budgets × seeds::
     base: [../experiments/sgn_fashion_conv.yaml]   # config files, relative to this file
     config:                                 # overrides of every run (config sections)
       run: {max_seconds: 60, eval_every_epochs: 1, tensorboard: false}
-    tasks:                                  # optional: task name -> overrides
-      fashion: {}
+    tasks: {fashion: {}}                    # optional: task name -> overrides
     optimizers:                             # label -> overrides + grid
       sgd:
         optim: {name: sgd, momentum: 0.0}
@@ -17,8 +16,7 @@ grid × budgets × seeds::
       sgn:
         optim: {name: sgn}
         grid: {optim.cg_max_iters: [2, 3, 5, 10]}
-    budgets:                                # optional: budget name -> overrides (separate runs)
-      short: {run: {max_epochs: 50}}
+    budgets: {short: {run: {max_epochs: 50}}}   # optional: name -> overrides (separate runs)
     seeds: [0, 1, 2]                        # run.seed of each repetition
     fallbacks:                              # optional: tried in order when data is missing
       - {data: {name: fashion_mnist}}
@@ -35,7 +33,9 @@ used), the optimizer, the budget, the grid point, then ``run.seed``, the run dir
 command line's ``key=value`` items. Setting a section's ``name`` to another value than it had
 drops that section's open keys (an optimizer's hyperparameters, a schedule's arguments, a
 dataset's options) so that ``optim: {name: sgd}`` over an SGN base does not inherit SGN's
-damping. Mappings in ``full`` are merged key by key; lists and ``grid`` replace.
+damping; ``optim: {name: sam, base: nesterov}`` over a ``nesterov`` section keeps its lr,
+momentum and weight decay for the base. Mappings in ``full`` are merged key by key; lists
+and ``grid`` replace.
 
 Runs are named ``[<task>/][<budget>/]<optimizer>[-<key>=<value>...]/seed<seed>`` under the
 sweep folder (default ``runs/sweeps/<name>``, ``-full`` appended with ``--full``), which also
@@ -277,18 +277,30 @@ def _fixed(section: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("extra")}
 
 
+def _wraps(new: Any, values: Mapping[str, Any], old: Any) -> bool:
+    """Whether optimizer ``new`` wraps ``old`` (``sam`` with ``base`` = ``old``)."""
+    from valleys import optim
+
+    if new not in optim.names() or not optim.spec(new).wraps:
+        return False
+    return values.get("base", optim.spec(new).hyperparameters().get("base")) == old
+
+
 def _overlay(cfg: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``overrides`` (config sections) merged over the plain config ``cfg``; a new ``name``
-    of a section drops its open keys."""
+    of a section drops its open keys, except that an optimizer wrapping the previous one
+    (``sam`` around it) keeps them for its base."""
     out = copy.deepcopy(cfg)
     for section, values in overrides.items():
         if section not in C.SECTIONS:
             raise check.unknown(f"config section (in {source})", section, C.SECTIONS)
         values = _mapping(f"{source}: {section}", values)
         current = out.setdefault(section, {})
-        if section in SECTION_NAMES and "name" in values and values["name"] != current.get("name"):
+        old, new = current.get("name"), values.get("name", current.get("name"))
+        if section in SECTION_NAMES and new != old:
+            keep = section == "optim" and _wraps(new, values, old)
             fixed = _fixed(section)
-            current = {k: v for k, v in current.items() if k in fixed}
+            current = {k: v for k, v in current.items() if k in fixed or keep}
         out[section] = _merge(current, values)
     return out
 
