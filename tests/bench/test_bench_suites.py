@@ -11,6 +11,9 @@ from valleys.bench import report, sweep, sweep_exec
 
 SUITES = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 EXPECTED = {
+    "sgn_fashion",
+    "sgn_regression",
+    "sgn_mlp",
     "entropy_sgd_lenet",
     "vsgd",
     "knee",

@@ -252,10 +252,15 @@ def time_to_target(run: RunData, metric: str, target: float, axis: str = "second
     return None
 
 
-def _landscape(run: RunData, kind: str) -> dict[str, Any] | None:
-    """The result of the last ``kind`` record of the run's final checkpoint (or of any)."""
+def _landscape(run: RunData, kind: str, key: str) -> dict[str, Any] | None:
+    """The result of the last ``kind`` record holding ``key`` of the run's final checkpoint
+    (or of any checkpoint when none is of the final one)."""
     step = run.end.get("step") if run.end else None
-    records = [r for r in run.landscape if r.get("kind") == kind]
+    records = [
+        r
+        for r in run.landscape
+        if r.get("kind") == kind and isinstance(r.get("result"), dict) and key in r["result"]
+    ]
     at_end = [r for r in records if r.get("step") == step]
     chosen = (at_end or records)[-1:] if records else []
     return chosen[0].get("result") if chosen else None
@@ -263,25 +268,19 @@ def _landscape(run: RunData, kind: str) -> dict[str, Any] | None:
 
 def sharpness(run: RunData) -> float | None:
     """Keskar sharpness of the run's final model (from ``valleys sharpness`` records)."""
-    result = _landscape(run, "sharpness")
+    result = _landscape(run, "sharpness", "sharpness")
     value = result.get("sharpness") if result else None
     return None if value is None else float(value)
 
 
 def top_eigenvalue(run: RunData) -> float | None:
     """The largest Hessian eigenvalue recorded for the run's final model, if any."""
-    result = _landscape(run, "hessian")
-    if not result:
+    result = _landscape(run, "hessian", "eigenvalues")
+    values = result.get("eigenvalues") if result else None
+    if not isinstance(values, list) or not values:
         return None
-    for key in ("top_eigenvalue", "lambda_max", "max_eigenvalue"):
-        if isinstance(result.get(key), (int, float)):
-            return float(result[key])
-    for key in ("eigenvalues", "top", "values"):
-        values = result.get(key)
-        if isinstance(values, list) and values:
-            flat = [v for v in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(v)]
-            return max(flat) if flat else None
-    return None
+    flat = [v for v in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(v)]
+    return max(flat) if flat else None
 
 
 # ---------------------------------------------------------------------------------------------
