@@ -171,3 +171,22 @@ def test_lanczos_stops_on_an_invariant_subspace_and_seeds_its_start():
     assert torch.equal(again.alphas, res.alphas)
     with pytest.raises(ValueError, match="Invalid num_iters"):
         linalg.lanczos(lambda v: a @ v, 6, 0)
+
+
+def test_cg_workspace_holds_the_vectors_and_gives_the_same_answer():
+    a = spd(7, seed=10)
+    b = split(torch.randn(7, generator=torch.Generator().manual_seed(11), dtype=torch.float64))
+    jacobi = split(1.0 / torch.diagonal(a))
+
+    def matvec(v):
+        return split(a @ linalg.to_vector(v))
+
+    plain = linalg.cg(matvec, b, max_iters=4, shift=0.1, precond=jacobi)
+    work = [linalg.zeros_like(b) for _ in range(4)]
+    reused = linalg.cg(matvec, b, max_iters=4, shift=0.1, precond=jacobi, workspace=work)
+    assert all(t is w for t, w in zip(reused.x, work[0], strict=True))
+    assert all(t is w for t, w in zip(reused.residual, work[1], strict=True))
+    torch.testing.assert_close(linalg.to_vector(reused.x), linalg.to_vector(plain.x))
+    torch.testing.assert_close(linalg.to_vector(reused.residual), linalg.to_vector(plain.residual))
+    again = linalg.cg(matvec, b, max_iters=4, shift=0.1, precond=jacobi, workspace=work)
+    torch.testing.assert_close(linalg.to_vector(again.x), linalg.to_vector(plain.x))

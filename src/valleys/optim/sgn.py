@@ -162,7 +162,8 @@ class SGN(torch.optim.Optimizer):
     **State.** In ``state[first parameter]``: ``step`` (t) and ``damping`` (the adaptive ρ);
     in ``state[p]``: ``momentum_buffer`` (m) when β > 0. ``state_dict`` resumes exactly. SGN
     has one parameter group: the trainable parameters of ``model`` (``requires_grad``),
-    solved as one system.
+    solved as one system. Between steps it also keeps scratch storage (not state): four
+    parameter-sized buffers, six with the preconditioner, seven with momentum.
 
     **Statistics.** :meth:`stats` (see there).
 
@@ -277,21 +278,31 @@ class SGN(torch.optim.Optimizer):
             )
         warm = t < group["cg_warmup_steps"] if faithful else t <= group["cg_warmup_steps"]
         kmax = group["cg_warmup_iters"] if warm else group["cg_max_iters"]
+        b, *workspace = self._buffers(params, "b", "x", "r", "p")
+        torch._foreach_copy_(b, mhat)
+        torch._foreach_neg_(b)
         precond = None
-        if group["precondition"]:
-            precond = [(m * m + rho).pow_(-group["precond_exponent"]) for m in mhat]
+        if group["precondition"]:  # M = (m̂ ⊙ m̂ + ρ)^(−exponent)
+            precond, y = self._buffers(params, "precond", "y")
+            torch._foreach_copy_(precond, mhat)
+            torch._foreach_mul_(precond, mhat)
+            torch._foreach_add_(precond, rho)
+            torch._foreach_pow_(precond, -group["precond_exponent"])
+            workspace.append(y)
         res = linalg.cg(
             prod,
-            torch._foreach_neg(mhat),
+            b,
             max_iters=kmax,
             tol=group["cg_tol"],
             norm_ord=math.inf,
             shift=rho,
             precond=precond,
             check_every=self.cg_check_every,
+            workspace=workspace,
         )
         delta: list[Tensor] = res.x  # type: ignore[assignment]
-        outcome = self._apply(prod, params, grad, mhat, delta, res.residual, rho, group)
+        # b is free once CG has copied it: it holds the trial points
+        outcome = self._apply(prod, params, grad, mhat, delta, res.residual, rho, group, b)
 
         stats: dict[str, Tensor | float] = {
             "damping": rho,
@@ -331,22 +342,31 @@ class SGN(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_mul_(bufs, beta)
         torch._foreach_add_(bufs, grad, alpha=1.0 - beta)
-        return list(torch._foreach_div(bufs, 1.0 - beta**t))
+        (mhat,) = self._buffers(params, "mhat")
+        torch._foreach_copy_(mhat, bufs)
+        torch._foreach_div_(mhat, 1.0 - beta**t)
+        return mhat
 
-    def _trial_buffer(self, params: list[Tensor]) -> list[Tensor]:
-        """Storage for trial points θ + αΔ, kept between steps (not part of the state): a
-        fresh parameter-sized allocation per trial costs more than the copy on the CPU."""
-        buf = getattr(self, "_trial", None)
-        fits = buf is not None and len(buf) == len(params)
-        if fits:
-            fits = all(
-                b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
-                for b, p in zip(buf, params, strict=True)
-            )
-        if not fits:
-            buf = [torch.empty_like(p) for p in params]
-            self._trial = buf
-        return buf
+    def _buffers(self, params: list[Tensor], *names: str) -> list[list[Tensor]]:
+        """Parameter-shaped storage kept between steps (scratch, not state): on a CPU, fresh
+        parameter-sized allocations at every step cost page faults comparable to the vector
+        arithmetic of CG. Four buffers (right-hand side and trial points, Δ, r, p), two more
+        with the preconditioner, one more with momentum."""
+        work: dict[str, list[Tensor]] = self.__dict__.setdefault("_work", {})
+        out = []
+        for name in names:
+            buf = work.get(name)
+            fits = buf is not None and len(buf) == len(params)
+            if fits:
+                fits = all(
+                    b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+                    for b, p in zip(buf, params, strict=True)
+                )
+            if not fits:
+                buf = [torch.empty_like(p) for p in params]
+                work[name] = buf
+            out.append(buf)
+        return out
 
     def _apply(
         self,
@@ -358,9 +378,11 @@ class SGN(torch.optim.Optimizer):
         residual: list[Tensor],
         rho: float,
         group: dict[str, Any],
+        point: list[Tensor],
     ) -> dict[str, Any]:
-        """Trust-region ratio, line search and the update of θ. Returns α, the ratio (None
-        when undefined), backtracks, trial evaluations and whether θ was left unchanged."""
+        """Trust-region ratio, line search and the update of θ, the trial points θ + αΔ being
+        built in ``point``. Returns α, the ratio (None when undefined), backtracks, trial
+        evaluations and whether θ was left unchanged."""
         faithful = group["faithful"]
         alpha0 = float(group["lr"])
         out = {"alpha": alpha0, "ratio": None, "ls_iters": 0, "evals": 0, "rejected": False}
@@ -377,8 +399,6 @@ class SGN(torch.optim.Optimizer):
             return out
 
         loss0 = prod.loss
-
-        point = self._trial_buffer(params)
 
         def trial_at(alpha: float) -> tuple[list[Tensor], Tensor]:
             torch._foreach_copy_(point, params)
