@@ -11,9 +11,9 @@ Across tasks: performance profiles (Dolan & Moré 2002, as AlgoPerf). Last, the 
 versions the runs recorded in ``env.json``.
 
 Options come from the sweep file's ``report:`` section (kept in ``sweep.json``), overridden by
-arguments: ``metric``, ``times`` (seconds), ``epochs``, ``effective_epochs``, ``targets`` (one
-number, or ``{task: number}``) and ``target_axis`` (``seconds``, ``epochs``,
-``effective_epochs``).
+arguments: ``metric``, ``times`` (seconds), ``epochs``, ``effective_epochs`` (each a list, or
+``{task: list}`` with an optional ``default``), ``targets`` (one number, or ``{task: number}``)
+and ``target_axis`` (``seconds``, ``epochs``, ``effective_epochs``).
 """
 
 from __future__ import annotations
@@ -79,9 +79,18 @@ def _options(sweep: T.Sweep, given: dict[str, Any]) -> dict[str, Any]:
     opts = {k: v for k, v in (sweep.manifest.get("report") or {}).items() if k in OPTIONS}
     opts.update({k: v for k, v in given.items() if v is not None})
     for key in ("times", "epochs", "effective_epochs"):
-        opts[key] = [float(v) for v in opts.get(key) or []]
+        value = opts.get(key) or []
+        if isinstance(value, dict):  # per task, with an optional "default"
+            opts[key] = {str(k): [float(v) for v in vs or []] for k, vs in value.items()}
+        else:
+            opts[key] = [float(v) for v in value]
     opts.setdefault("target_axis", "seconds")
     return opts
+
+
+def _points(opts: dict[str, Any], key: str, task: str) -> list[float]:
+    value = opts[key]
+    return value.get(task, value.get("default", [])) if isinstance(value, dict) else value
 
 
 def _target(opts: dict[str, Any], task: str) -> float | None:
@@ -114,10 +123,11 @@ def _group_section(key, runs, opts, fig_dir, formats) -> tuple[list, dict, list[
         )
     )
     numbers: dict[str, Any] = {}
-    budgets = [("seconds", x, f"after {x:g} s") for x in opts["times"]]
-    budgets += [("epochs", x, f"after {x:g} epochs") for x in opts["epochs"]]
+    budgets = [("seconds", x, f"after {x:g} s") for x in _points(opts, "times", task)]
+    budgets += [("epochs", x, f"after {x:g} epochs") for x in _points(opts, "epochs", task)]
     budgets += [
-        ("effective_epochs", x, f"after {x:g} eff. epochs") for x in opts["effective_epochs"]
+        ("effective_epochs", x, f"after {x:g} eff. epochs")
+        for x in _points(opts, "effective_epochs", task)
     ]
     target = _target(opts, task)
     axis = opts["target_axis"]
