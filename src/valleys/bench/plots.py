@@ -188,19 +188,26 @@ def plot_bands(
     title: str = "",
     formats: Sequence[str] = ("png", "svg"),
 ) -> list[Path]:
-    """Train loss (the logged mini-batch means, log axis) and the test ``metric`` against the
-    record key ``x``, one line per configuration: the mean over its seeds with a ± one std
-    band. ``groups`` maps a label to runs with ``trains`` and ``evals`` record lists."""
+    """Train loss (the logged mini-batch means, log axis) and the test ``metric`` (log axis
+    too unless it is an accuracy) against the record key ``x``, one line per configuration: the
+    mean over its seeds with a ± one std band (geometric on a log axis). ``groups`` maps a
+    label to runs with ``trains`` and ``evals`` record lists."""
     fig, (ax_loss, ax_metric) = _figure((11, 4.2), 2)
-    positive = True
-    for i, (label, runs) in enumerate(groups.items()):
+    losses = {k: [_finite_series(r.trains, x, "loss") for r in rs] for k, rs in groups.items()}
+    values = {k: [_finite_series(r.evals, x, metric) for r in rs] for k, rs in groups.items()}
+
+    def positive(series: dict[str, list[tuple[list, list]]]) -> bool:
+        return all(v > 0 for runs in series.values() for _, ys in runs for v in ys)
+
+    log_loss = positive(losses)
+    log_metric = "accuracy" not in metric and positive(values)
+    for i, label in enumerate(groups):
         color = f"C{i % 10}"
-        losses = [_finite_series(r.trains, x, "loss") for r in runs]
-        positive &= all(all(v > 0 for v in ys) for _, ys in losses)
-        _band(ax_loss, losses, color, label, log=positive)
-        _band(ax_metric, [_finite_series(r.evals, x, metric) for r in runs], color, label, False)
-    if positive and ax_loss.lines:
-        ax_loss.set_yscale("log")
+        _band(ax_loss, losses[label], color, label, log=log_loss)
+        _band(ax_metric, values[label], color, label, log=log_metric)
+    for ax, log in ((ax_loss, log_loss), (ax_metric, log_metric)):
+        if log and ax.lines:
+            ax.set_yscale("log")
     ax_loss.set_ylabel("train loss (mini-batch mean)")
     ax_metric.set_ylabel(metric.replace("_", " "))
     for ax in (ax_loss, ax_metric):
