@@ -24,14 +24,19 @@ def test_value_at_reads_the_last_evaluation_at_or_before_the_budget(tmp_path):
     assert T.value_at(run, "epoch", "seconds", 13.0) == (3.0, 12.0)  # epochs reached by then
 
 
-def test_a_run_stopped_by_its_time_budget_counts_its_last_evaluation_at_the_budget(tmp_path):
-    curve = [*CURVE[:-1], (40, 16.3, 0.75)]  # the step that crossed 16 s ended at 16.3 s
+def test_an_evaluation_within_one_step_after_the_budget_counts(tmp_path):
+    # the step that crossed 16 s ended at 16.3 s; one step is 16.3 / 40 = 0.4075 s
+    curve = [*CURVE[:-1], (40, 16.3, 0.75)]
     run = T.load_run(write_run(tmp_path / "r", curve, run={"max_seconds": 16.0}))
-    assert T.value_at(run, "test_accuracy", "seconds", 16.0) == (0.75, 16.0)
-    assert T.value_at(run, "test_accuracy", "seconds", 15.9) == (0.8, 12.0)
-    # the same overshoot without the budget having stopped the run: not reached
-    other = T.load_run(write_run(tmp_path / "o", curve, reason="max_steps"))
-    assert T.value_at(other, "test_accuracy", "seconds", 16.0) == (0.8, 12.0)
+    assert T.one_step(run, "seconds") == pytest.approx(0.4075)
+    assert T.value_at(run, "test_accuracy", "seconds", 16.0) == (0.75, 16.3)
+    assert T.value_at(run, "test_accuracy", "seconds", 15.9) == (0.75, 16.3)
+    assert T.value_at(run, "test_accuracy", "seconds", 15.8) == (0.8, 12.0)
+    # an evaluation due every 0.5 epochs lands on the first step past the boundary
+    spe = 1875
+    late = [(0, 0.0, 0.1), (938, 30.0, 0.7), (1875, 60.0, 0.8)]
+    run = T.load_run(write_run(tmp_path / "e", late, reason="max_epochs", spe=spe))
+    assert T.value_at(run, "test_accuracy", "epochs", 0.5) == (0.7, 938 / spe)
 
 
 def test_diverged_and_unfinished_runs(tmp_path):

@@ -7,12 +7,13 @@ Everything here reads ``metrics.jsonl`` (and ``landscape.jsonl``, ``env.json``) 
 
 Reading a curve at a budget
 ---------------------------
-The value *after x* on an axis (training seconds, epochs, effective epochs) is that of the last
-evaluation at or before x, as SGN's tables read "accuracy after T seconds". A run stopped by its
-budget on that axis (``max_seconds`` for seconds, ``max_epochs`` for epochs) overshoots it by
-at most one step; its closing evaluation counts as taken at the budget itself. A run that did
-not reach x (it stopped earlier for another reason) has no value there; a run that diverged
-(``end`` record with ``non-finite loss``) at or before x counts as diverged (NaN).
+The value *after x* on an axis (training seconds, epochs, effective epochs, steps) is that of
+the last evaluation at or before x, as SGN's tables read "accuracy after T seconds", where
+"at" allows one step: runs stop, and evaluate, at whole steps, so the evaluation that an
+epoch boundary or a time budget x triggers is taken at the end of the first step reaching x,
+up to one step after it. One step is the run's mean increment per step on that axis (its
+closing position over its steps). A run that did not reach x has no value there; a run that
+diverged (``end`` record with ``non-finite loss``) at or before x counts as diverged (NaN).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "higher_is_better",
     "load_run",
     "load_sweep",
+    "one_step",
     "performance_profile",
     "sharpness",
     "stat",
@@ -184,29 +186,17 @@ def _axis(axis: str) -> tuple[str, str | None]:
 
 
 def _xs(run: RunData, axis: str) -> list[float | None]:
-    """The evaluations' positions on ``axis``, the closing one clamped to the run's budget
-    when that budget stopped the run."""
-    key, budget_key = _axis(axis)
-    xs = [r.get(key) for r in run.evals]
-    budget = (run.config.get("run") or {}).get(budget_key) if budget_key else None
-    if xs and budget is not None and run.end and run.end.get("reason") == budget_key:
-        last_step = run.end.get("step")
-        for i in range(len(xs) - 1, -1, -1):
-            if run.evals[i].get("step") == last_step and xs[i] is not None:
-                xs[i] = min(xs[i], float(budget))
-                break
-    return xs
+    """The evaluations' positions on ``axis``."""
+    key, _ = _axis(axis)
+    return [r.get(key) for r in run.evals]
 
 
-def _reached(run: RunData, axis: str) -> float | None:
-    key, budget_key = _axis(axis)
-    if not run.end:
-        return None
-    x = run.end.get(key)
-    budget = (run.config.get("run") or {}).get(budget_key) if budget_key else None
-    if x is not None and budget is not None and run.end.get("reason") == budget_key:
-        x = min(x, float(budget))
-    return x
+def one_step(run: RunData, axis: str) -> float:
+    """The run's mean increment per optimizer step on ``axis`` (0 before its first step)."""
+    key, _ = _axis(axis)
+    last = run.end or (run.trains[-1] if run.trains else None) or {}
+    steps, pos = last.get("step") or 0, last.get(key) or 0.0
+    return float(pos) / steps if steps else 0.0
 
 
 def value_at(run: RunData, metric: str, axis: str, x: float) -> tuple[float, float] | None:
@@ -215,12 +205,13 @@ def value_at(run: RunData, metric: str, axis: str, x: float) -> tuple[float, flo
     key, _ = _axis(axis)
     if run.diverged and run.end.get(key) is not None and run.end[key] <= x + 1e-9:
         return math.nan, float(run.end[key])
-    reached = _reached(run, axis)
+    reached = run.end.get(key) if run.end else None
     if reached is None or reached < x - 1e-9:
         return None
+    limit = x + one_step(run, axis) * (1 + 1e-9) + 1e-12
     found = None
     for r, pos in zip(run.evals, _xs(run, axis), strict=True):
-        if pos is not None and pos <= x + 1e-9 and r.get(metric) is not None:
+        if pos is not None and pos <= limit and r.get(metric) is not None:
             found = (float(r[metric]), float(pos))
     return found
 
