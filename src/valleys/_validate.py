@@ -89,7 +89,9 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """One string out of ``choices``."""
     options = tuple(choices)
     if value not in options:
-        fail(name, value, "expected one of " + ", ".join(repr(c) for c in options))
+        close = difflib.get_close_matches(str(value), [str(c) for c in options], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        fail(name, value, "expected one of " + ", ".join(repr(c) for c in options) + hint)
     return value
 
 

@@ -414,12 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``valleys`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse hands back the key=value items that follow an option (`valleys train
+        # --config a.yaml optim.lr=0.1`) as unknown: they are overrides like those before it
+        if args.command in ("train", "sweep") and not any(i.startswith("-") for i in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split("\n"))
         print(f"valleys {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the system refused a file operation: permissions, disk full...
+        what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        print(
+            f"valleys {args.command}: error: {what} (check the path, its permissions and the "
+            "free space)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

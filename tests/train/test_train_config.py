@@ -120,7 +120,7 @@ def test_resolve_fills_in_defaults_from_the_signatures():
             ["run.max_steps=3", "seed=1"],
             r"Malformed override: 'seed=1' \(a key names a section and a field",
         ),
-        (["run.max_steps=[1,"], r"Malformed YAML in the overrides"),
+        (["run.max_steps=[1,"], r"Malformed override: 'run.max_steps=\[1,' \(.*close its brackets"),
         ([], r"No budget: set run\.max_steps, run\.max_epochs or run\.max_seconds"),
         (["run.max_steps=3", "schedule.progress=time"], r"needs a time budget"),
         (["run.max_steps=3", "data.batch_size=2000"], r"larger than the 1437 training samples"),

@@ -40,14 +40,20 @@ def image_input(
     the smallest side that works.
     """
     if len(input_shape) != 3:
-        check.fail("input_shape", input_shape, f"{model} takes images shaped (C, H, W)")
+        hint = (
+            "; load image sets unflattened (CLI: data.flatten=false)"
+            if len(input_shape) == 1
+            else ""
+        )
+        check.fail("input_shape", input_shape, f"{model} takes images shaped (C, H, W){hint}")
     c, h, w = input_shape
     if final_side is not None and min(final_side(h), final_side(w)) < 1:
         need = smallest_side(final_side)
         check.fail(
             "input_shape",
             input_shape,
-            f"{model} takes images shaped (C, H, W) with H, W >= {need}",
+            f"{model} takes images shaped (C, H, W) with H, W >= {need}: choose another model "
+            "or a dataset with larger images",
         )
     return c, h, w
 

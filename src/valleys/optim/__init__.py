@@ -16,7 +16,7 @@ marked ``takes_model`` (SGN) are built from the model and its loss instead of pa
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,9 +142,41 @@ def get(name: str, params: Iterable[Any] | nn.Module, **hparams: Any) -> torch.o
     for key in hparams:
         if key not in accepted:
             raise check.unknown(f"hyperparameter of optimizer {name!r}", key, accepted)
+    full = {**entry.preset, **hparams}
     if entry.takes_model:
-        return _build_from_model(entry, params, loss_fn, {**entry.preset, **hparams})
-    return entry.cls(params, **{**entry.preset, **hparams})
+        return _build_from_model(entry, params, loss_fn, full)
+    if entry.cls.__module__.startswith("torch."):
+        _check_torch_hparams(full)
+    try:
+        return entry.cls(params, **full)
+    except ValueError as err:
+        if "empty parameter list" not in str(err):
+            raise
+        raise ValueError(
+            f"Invalid params: optimizer {name!r} got no parameters (pass model.parameters() "
+            "of a model that has some, or non-empty param groups)"
+        ) from None
+
+
+def _check_torch_hparams(hp: Mapping[str, Any]) -> None:
+    """torch's own messages ("Invalid learning rate: -1") give no valid range, a malformed
+    ``betas`` fails with an IndexError and ``lr=None`` with a TypeError: check the shared
+    hyperparameters of torch's optimizers first, in valleys' one-line form."""
+    for key in ("lr", "momentum", "dampening", "weight_decay", "eps"):
+        if key in hp:
+            check.nonneg(key, hp[key])
+    if "betas" in hp:
+        betas = hp["betas"]
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            check.fail("betas", betas, "expected two numbers in [0, 1), e.g. (0.9, 0.999)")
+        for i, beta in enumerate(betas):
+            check.interval(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    if hp.get("nesterov") and (hp.get("momentum", 0) <= 0 or hp.get("dampening", 0) != 0):
+        check.fail(
+            "momentum",
+            hp.get("momentum", 0),
+            "Nesterov momentum needs momentum > 0 and dampening = 0: set momentum, e.g. 0.9",
+        )
 
 
 def _build_from_model(

@@ -379,7 +379,7 @@ def _yaml_error(source: str, err: Exception) -> ValueError:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return ValueError(f"Malformed YAML in {source}{where}: {problem}")
+    return ValueError(f"Malformed YAML in {source}{where}: {problem} (fix the syntax there)")
 
 
 def _omegaconf_error(source: str, err: Exception) -> ValueError:
@@ -395,8 +395,10 @@ def _load_file(path: str | Path) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"Invalid config file {p}: it is a folder (pass a YAML file)")
     if not p.is_file():
-        raise FileNotFoundError(f"Config file not found: {p}")
+        raise FileNotFoundError(f"Config file not found: {p} (check the path)")
     try:
         node = OmegaConf.load(p)
     except yaml.YAMLError as err:
@@ -434,6 +436,15 @@ def _parse_overrides(overrides: Sequence[str]) -> Any:
     try:
         return OmegaConf.from_dotlist([str(o) for o in overrides])
     except yaml.YAMLError as err:
+        for item in overrides:  # name the override at fault rather than a line of the list
+            try:
+                OmegaConf.from_dotlist([str(item)])
+            except yaml.YAMLError as one:
+                problem = getattr(one, "problem", None) or str(one).splitlines()[0]
+                raise ValueError(
+                    f"Malformed override: {item!r} ({problem}; a value is YAML: close its "
+                    "brackets, e.g. [1, 2], and quote text with special characters)"
+                ) from None
         raise _yaml_error("the overrides", err) from None
     except OmegaConfBaseException as err:
         raise _omegaconf_error("the overrides", err) from None
