@@ -267,8 +267,9 @@ class VSGD(torch.optim.Optimizer):
         """Mean and median over all coordinates of the implied momentum β1 = bhg / (bg + bhg).
 
         Computed from the current state in float64 (the median is the lower one of an even
-        count, as ``torch.median``); empty before the first step. This is the weight on μ_old
-        in the next step (the original's ``get_current_beta1_estimate``).
+        count, as ``torch.median``); empty before the first step and when every parameter is
+        empty. This is the weight on μ_old in the next step (the original's
+        ``get_current_beta1_estimate``).
         """
         betas = []
         for group in self.param_groups:
@@ -284,6 +285,8 @@ class VSGD(torch.optim.Optimizer):
         if len({b.device for b in betas}) > 1:
             betas = [b.cpu() for b in betas]
         flat = torch.cat(betas)
+        if flat.numel() == 0:  # only empty parameters: nothing to summarise (not NaN)
+            return {}
         return {"mean": flat.mean().item(), "median": flat.median().item()}
 
     def stats(self) -> dict[str, float]:
