@@ -59,12 +59,12 @@ TIMEOUT_S = 60.0
 # "write": inside the first checkpoint write at or after such a step.
 CHAINS = {
     "a": ["early", "step", "early", "step", "step"],
-    "b": ["write", "step", "write", "write", "write"],
+    "b": ["write", "early", "write", "step", "write"],
 }
 
 
 def _start(run_dir: Path, *extra: str, pause: bool = False) -> subprocess.Popen:
-    env = dict(os.environ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the processes share the machine
     env.pop(ckpt.PAUSE_ENV, None)
     if pause:
         env[ckpt.PAUSE_ENV] = str(PAUSE_S)
@@ -190,7 +190,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
         raise errors[0]
 
     assert sum(len(log) for log in logs.values()) >= 10
-    assert sum(e["kind"] == "write" for e in logs["b"]) == 4
+    assert sum(e["kind"] == "write" for e in logs["b"]) == 3
     expected = records(whole)
     assert expected[-1]["kind"] == "end" and expected[-1]["step"] == STEPS
     final = ckpt.load(whole / "checkpoint.pt")["model"]
