@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default runs/sweeps/<name>[-full])")
     p.add_argument("--workers", type=int, help="parallel runs (default: cores / threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--only", nargs="+", metavar="GLOB", help="runs whose name matches")
+    p.add_argument(
+        "--only", action="append", metavar="GLOB", help="runs whose name matches (repeatable)"
+    )
     p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (auto, host:port)")
     p.add_argument("--no-analyses", action="store_true", help="skip the file's analyses")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
