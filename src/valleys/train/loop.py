@@ -1,8 +1,9 @@
 """The training loop: one closure for every optimizer, budgets, evaluation, checkpoints.
 
 ``train(cfg)`` runs a :class:`~valleys.train.config.Config` into a run directory and returns a
-:class:`RunResult`. The pieces are usable on their own: :func:`make_closure`,
-:func:`evaluate`, :func:`refresh_batchnorm`, :class:`WeightEMA`, :class:`LossScaler`.
+:class:`RunResult`. The pieces are usable on their own and re-exported here:
+:func:`make_closure` and :class:`LossScaler` (:mod:`valleys.train.closure`), :func:`evaluate`,
+:func:`refresh_batchnorm` and :class:`WeightEMA` (:mod:`valleys.train.evaluate`).
 
 Steps, passes, epochs
 ---------------------
@@ -44,7 +45,6 @@ is halved on a skipped step and doubled after 2000 finite ones (torch's GradScal
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -60,13 +60,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from valleys import optim as optim_registry
 from valleys import schedules
 from valleys.train import checkpoint as ckpt
 from valleys.train import config as C
 from valleys.train.checkpoint import write_atomic
+from valleys.train.closure import Closure, LossScaler, make_closure
+from valleys.train.evaluate import (
+    LOSS_NAMES,
+    WeightEMA,
+    evaluate,
+    loss_function,
+    refresh_batchnorm,
+)
 from valleys.train.log import MetricsLog, Progress, TensorBoard, env_info, write_json
 
 __all__ = [
@@ -95,309 +102,6 @@ class TrainingError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # closure, loss scaling, EMA
-
-
-class LossScaler:
-    """Dynamic loss scaling for fp16 (the rule of ``torch.amp.GradScaler``), usable inside a
-    closure that is called several times per step.
-
-    ``scale_loss(loss)`` multiplies by the scale; ``unscale_(params)`` divides the gradients
-    by it in place and returns a bool tensor, True where any gradient is inf/NaN;
-    ``update(found_inf)`` halves the scale after a skipped step and doubles it after
-    ``growth_interval`` finite steps in a row. ``state_dict`` is plain data.
-    """
-
-    def __init__(
-        self,
-        init_scale: float = 2.0**16,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 2000,
-    ):
-        self.scale = float(init_scale)
-        self.growth_factor = growth_factor
-        self.backoff_factor = backoff_factor
-        self.growth_interval = growth_interval
-        self.growth_tracker = 0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale
-
-    @torch.no_grad()
-    def unscale_(self, params: list[torch.Tensor]) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), dtype=torch.bool)
-        torch._foreach_mul_(grads, 1.0 / self.scale)
-        peaks = torch.stack([n.float() for n in torch._foreach_norm(grads, math.inf)])
-        return ~torch.isfinite(peaks).all()
-
-    def update(self, found_inf: bool) -> None:
-        if found_inf:
-            self.scale *= self.backoff_factor
-            self.growth_tracker = 0
-        else:
-            self.growth_tracker += 1
-            if self.growth_tracker == self.growth_interval:
-                self.scale *= self.growth_factor
-                self.growth_tracker = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale = float(state["scale"])
-        self.growth_tracker = int(state["growth_tracker"])
-
-
-class Closure:
-    """The closure handed to every optimizer (see :func:`make_closure`)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-        optimizer: torch.optim.Optimizer,
-        *,
-        same_batch: bool = False,
-        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-        scaler: LossScaler | None = None,
-    ):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.next_batch = next_batch
-        self.optimizer = optimizer
-        self.same_batch = same_batch
-        self.autocast = autocast or contextlib.nullcontext
-        self.scaler = scaler
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.calls = 0  # closure calls (forward/backward passes) so far
-        self.found_inf: torch.Tensor | None = None
-        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def begin_step(self) -> None:
-        """Forget the step's batch (``same_batch``) and the inf/NaN flag."""
-        self._batch = None
-        self.found_inf = None
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.same_batch and self._batch is not None:
-            return self._batch
-        batch = self.next_batch()
-        if self.same_batch:
-            self._batch = batch
-        return batch
-
-    def __call__(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        xb, yb = self.batch()
-        with self.autocast():
-            loss = self.loss_fn(self.model(xb), yb)
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale_loss(loss).backward()
-            bad = self.scaler.unscale_(self.params)
-            self.found_inf = bad if self.found_inf is None else self.found_inf | bad
-        self.calls += 1
-        return loss.detach()
-
-    def add_passes(self, n: int) -> None:
-        """Count ``n`` passes that the optimizer made on this step's batch by itself, without
-        calling the closure (SGN's curvature products and trial losses), so that ``calls``
-        counts every pass."""
-        self.calls += int(n)
-
-
-def make_closure(
-    model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    same_batch: bool = False,
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-    scaler: LossScaler | None = None,
-) -> Closure:
-    """The one closure that drives every optimizer.
-
-    Each call zeroes the gradients, takes a batch, computes ``loss_fn(model(x), y)`` (under
-    ``autocast``), backpropagates (scaled and unscaled by ``scaler``, recording inf/NaN in
-    ``found_inf``), counts itself in ``calls`` and returns the loss (detached, unscaled).
-
-    Batches: by default every call draws a fresh batch from ``next_batch``, which is what
-    Entropy-SGD needs. With ``same_batch=True`` the first call of a step draws one and the
-    later calls of the same step reuse it (the protocol of optimizers that evaluate one batch
-    repeatedly, e.g. line searches); the loop takes the flag from the optimizer's registry
-    entry (``OptimizerSpec.same_batch``). Call :meth:`Closure.begin_step` before each step.
-
-    Optimizers built from the model (``OptimizerSpec.takes_model``: SGN) are driven by the
-    same closure: they read the step's batch from :meth:`Closure.batch` (with
-    ``same_batch=True``), compute their passes themselves and report them through
-    :meth:`Closure.add_passes`.
-    """
-    return Closure(
-        model,
-        loss_fn,
-        next_batch,
-        optimizer,
-        same_batch=same_batch,
-        autocast=autocast,
-        scaler=scaler,
-    )
-
-
-class WeightEMA:
-    """Exponential moving average of the parameters, for evaluation (the TF port evaluates
-    EMA(0.999) weights).
-
-    The average starts as a copy of the weights when created and after every update is
-    ``avg ← decay · avg + (1 − decay) · w`` (TensorFlow's ``ExponentialMovingAverage``
-    without ``num_updates``). Buffers (BatchNorm statistics) are not averaged: evaluation
-    copies the live model's buffers, or recomputes them with ``run.bn_refresh``.
-    """
-
-    def __init__(self, params: list[torch.Tensor], decay: float):
-        self.decay = float(decay)
-        self.shadow = [p.detach().clone().float() for p in params]
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, params: list[torch.Tensor]) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1.0 - self.decay)
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, params: list[torch.Tensor]) -> None:
-        for p, s in zip(params, self.shadow, strict=True):
-            p.copy_(s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for s, t in zip(self.shadow, state["shadow"], strict=True):
-            s.copy_(t)
-        self.num_updates = int(state["num_updates"])
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-_DROPOUT = (nn.modules.dropout._DropoutNd,)
-_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
-
-
-@torch.no_grad()
-def refresh_batchnorm(
-    model: nn.Module,
-    x: torch.Tensor,
-    batch_size: int = 1024,
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> bool:
-    """Recompute every BatchNorm's running statistics on inputs ``x`` (the training set),
-    leaving the weights alone: Entropy-SGD's "dry feed" before each evaluation.
-
-    The model runs in train mode with dropout off over ``x`` in batches of ``batch_size``;
-    each BatchNorm's statistics are reset and then averaged over the batches weighted by their
-    sizes (the momentum of batch i is b_i / (b_1 + … + b_i)), so the running mean is exactly
-    the mean over ``x`` and the running variance the size-weighted mean of the batch
-    variances. (The original fed the set through with the usual momentum 0.1, so its statistics
-    leaned towards the last batches.) Afterwards every module's train/eval flag and every
-    BatchNorm's momentum are as before. Returns False (doing nothing) without BatchNorm layers
-    that track statistics.
-    """
-    bns = [m for m in model.modules() if isinstance(m, _BATCHNORM) and m.track_running_stats]
-    if not bns:
-        return False
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(bn, bn.momentum) for bn in bns]
-    try:
-        model.train()
-        for m in model.modules():
-            if isinstance(m, _DROPOUT):
-                m.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-        ctx = autocast or contextlib.nullcontext
-        for i in range(0, x.shape[0], batch_size):
-            batch = x[i : i + batch_size]
-            for bn in bns:
-                bn.momentum = batch.shape[0] / (i + batch.shape[0])
-            with ctx():
-                model(batch)
-    finally:
-        for bn, momentum in momenta:
-            bn.momentum = momentum
-        for m, mode in modes:
-            m.training = mode
-    return True
-
-
-def _align(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if out.shape != y.shape and out.numel() == y.numel():
-        return out.reshape(y.shape)
-    return out
-
-
-# The same losses by the names of valleys.curvature, for optimizers built from the model.
-LOSS_NAMES = {"classification": "cross_entropy", "regression": "mse"}
-
-
-def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy for classification, mean squared error for regression."""
-    if task == "classification":
-        return lambda out, y: F.cross_entropy(out.float(), y)
-    return lambda out, y: F.mse_loss(_align(out, y).float(), y.float())
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    task: str,
-    batch_size: int = 1024,
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> dict[str, float]:
-    """Mean loss and accuracy (classification) or mean squared error (regression) of
-    ``model`` on ``(x, y)``, in eval mode (restored afterwards), over all samples.
-
-    The loss is cross-entropy averaged over samples, or the MSE averaged over all target
-    entries (then ``mse`` equals ``loss``).
-    """
-    from valleys.data.loader import eval_batches
-
-    if x.shape[0] == 0:
-        raise ValueError(f"Invalid x: shape {tuple(x.shape)} (evaluate needs at least one sample)")
-    was_training = model.training
-    model.eval()
-    ctx = autocast or contextlib.nullcontext
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    try:
-        for xb, yb in eval_batches(x, y, batch_size):
-            with ctx():
-                out = model(xb)
-            if task == "classification":
-                total += F.cross_entropy(out.float(), yb, reduction="sum").double()
-                correct += (out.argmax(1) == yb).sum()
-            else:
-                total += F.mse_loss(_align(out, yb).float(), yb.float(), reduction="sum").double()
-    finally:
-        model.train(was_training)
-    if task == "classification":
-        n = x.shape[0]
-        return {"loss": float(total) / n, "accuracy": float(correct) / n}
-    mse = float(total) / y.numel()
-    return {"loss": mse, "mse": mse}
-
-
-# ---------------------------------------------------------------------------------------------
-# the run
 
 
 def select_device(name: str) -> torch.device:

@@ -69,7 +69,7 @@ class LoadedRun:
     @property
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The training loss (mean-reduced cross-entropy or MSE)."""
-        from valleys.train.loop import loss_function
+        from valleys.train.evaluate import loss_function
 
         return loss_function(self.task)
 
