@@ -34,6 +34,7 @@ import torch
 
 from valleys import _validate as check
 from valleys import landscape
+from valleys.train.log import read_jsonl
 
 __all__ = [
     "RECORDS",
@@ -143,17 +144,7 @@ def read_records(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     path = Path(run_dir) / RECORDS
     if not path.is_file():
         return []
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Malformed record in {path}, line {n}: {err.msg}") from None
-        if kind is None or record.get("kind") == kind:
-            out.append(record)
-    return out
+    return read_jsonl(path, kind)
 
 
 def append_record(run_dir: str | Path, record: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from valleys.bench.plots import _save
+
 __all__ = ["PLOTTERS", "plot_contour", "plot_curve", "plot_record", "plot_sharpness"]
 
 
@@ -30,16 +32,6 @@ def _figure(size: tuple[float, float]) -> Any:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
-
-
-def _save(fig: Any, stem: Path, formats: Sequence[str]) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    return written
 
 
 def plot_sharpness(
@@ -141,11 +133,18 @@ def _plot_surface(record: Mapping[str, Any], stem: Path, title: str) -> list[Pat
     return plot_curve(record["result"], stem, title=title, xlabel=xlabel)
 
 
+def _plot_hessian(record: Mapping[str, Any], stem: Path, title: str) -> list[Path]:
+    from valleys.bench.analyze_hessian import plot_hessian
+
+    return plot_hessian(record, stem, title=title)
+
+
 #: How each ``kind`` of record is drawn: ``plotter(record, stem, title) -> files``. A new
 #: analysis registers its own entry here.
 PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path, str], list[Path]]] = {
     "sharpness": lambda record, stem, title: plot_sharpness(record["result"], stem, title=title),
     "surface": _plot_surface,
+    "hessian": _plot_hessian,
 }
 
 

@@ -120,6 +120,12 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"No metrics.jsonl in {run_dir} (is it a valleys run directory?)")
+    return read_jsonl(path, kind)
+
+
+def read_jsonl(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The JSON records of ``path``, one per non-empty line (those whose ``kind`` is ``kind``
+    if given); a malformed line is a one-line ``ValueError`` naming the file and line."""
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
