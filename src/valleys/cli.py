@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p, "evaluation batch size (default: the run's data.eval_batch_size)")
     p.set_defaults(func=_cmd_surface)
 
+    from valleys.cli_hessian import add_parser as add_hessian_parser
+
+    add_hessian_parser(sub)
+
     p = sub.add_parser(
         "sweep",
         help="run a sweep (optimizers x grid x seeds x budgets) in parallel, resumably",

@@ -1,5 +1,6 @@
 """Loss-landscape diagnostics for any PyTorch model: Keskar sharpness, 1-D/2-D loss surfaces
-and interpolations.
+and interpolations, the Hessian's extreme eigenpairs, trace, spectral density and (for small
+models) full spectrum.
 
 Every function takes ``(model, loss_fn, batches)``: a model, a mean-reduced loss
 ``loss_fn(output, target)`` and the dataset as ``(inputs, targets)`` batches on the model's
@@ -15,6 +16,11 @@ the same afterwards) and return values instead of printing them::
 
     d = landscape.random_direction(model, seed=0)               # filter-normalised
     curve = landscape.loss_curve(model, F.cross_entropy, batches, d, np.linspace(-1, 1, 21))
+
+    top = landscape.top_eigen(model, F.cross_entropy, batches, k=5)      # Lanczos
+    tr = landscape.hutchinson_trace(model, F.cross_entropy, batches, samples=100)
+    rho = landscape.spectral_density(model, F.cross_entropy, batches)     # SLQ
+    spectrum = landscape.dense_spectrum(model, F.cross_entropy, batches)  # small models
 """
 
 from valleys.landscape.common import (
@@ -26,6 +32,15 @@ from valleys.landscape.common import (
     full_loss_and_grad,
     trainable_parameters,
 )
+from valleys.landscape.hessian import (
+    EigenResult,
+    HessianOperator,
+    TraceResult,
+    hutchinson_trace,
+    top_eigen,
+)
+from valleys.landscape.hessian_dense import SpectrumResult, dense_hessian, dense_spectrum
+from valleys.landscape.hessian_density import DensityResult, spectral_density
 from valleys.landscape.sharpness import (
     SharpnessResult,
     keskar_sharpness,
@@ -42,19 +57,29 @@ from valleys.landscape.surface import (
 
 __all__ = [
     "Curve",
+    "DensityResult",
+    "EigenResult",
+    "HessianOperator",
     "LossValue",
     "SharpnessResult",
+    "SpectrumResult",
     "Surface",
+    "TraceResult",
     "call_with",
     "dataset_mean",
+    "dense_hessian",
+    "dense_spectrum",
     "eval_mode",
     "full_loss",
     "full_loss_and_grad",
+    "hutchinson_trace",
     "interpolation",
     "keskar_sharpness",
     "keskar_sharpness_lbfgsb",
     "loss_curve",
     "loss_surface",
     "random_direction",
+    "spectral_density",
+    "top_eigen",
     "trainable_parameters",
 ]
