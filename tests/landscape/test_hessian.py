@@ -193,7 +193,7 @@ def test_spectral_density_quadrature_mass_and_moments(problem):
     model, batches, h = problem
     snapshot = _snapshot(model)
     n = h.shape[0]
-    probes, steps = 60, 6
+    probes, steps = 40, 6
     x = torch.cat([b[0] for b in batches])
     batches = [(x, torch.cat([b[1] for b in batches]))]  # one batch: fewer products
     d = spectral_density(
@@ -305,3 +305,10 @@ def test_bad_arguments_are_one_line_errors(call, message):
     x, y = _data(n=10)
     with pytest.raises(ValueError, match=message):
         call(model, [(x, y)])
+
+
+def test_a_dense_hessian_larger_than_memory_is_refused_before_allocating():
+    model = nn.Linear(100_000, 10)  # 1,000,010 weights: 7,450 GiB in float64
+    x, y = torch.randn(2, 100_000), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="GiB in float64, more than the"):
+        dense_hessian(model, F.cross_entropy, [(x, y)])

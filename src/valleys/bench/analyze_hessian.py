@@ -263,7 +263,7 @@ def plot_hessian(
         parts.append(f"trace {t['estimate']:.4g} ({t['ci_low']:.4g} … {t['ci_high']:.4g})")
     if dense:
         parts.append(f"{dense['negative']:,} negative, {dense['near_zero']:,} near zero")
-    head = "; ".join(parts)
+    head = "\n".join([parts[0], "; ".join(parts[1:])] if len(parts) > 1 else parts)
     ax.set_title(f"{title}\n{head}" if title else head, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

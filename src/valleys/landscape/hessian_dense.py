@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -122,6 +123,29 @@ def _symmetrize_(h: Tensor, offsets: list[int], tile: int = 1024) -> None:
             h[a1:, a0:a1].copy_(h[a0:a1, a1:].T)
 
 
+def _memory(device: torch.device) -> int | None:
+    """The device's total memory in bytes (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(n: int, dtype: torch.dtype, device: torch.device) -> None:
+    need = n * n * torch.empty((), dtype=dtype).element_size()
+    total = _memory(device)
+    if total is not None and need > total:
+        check.fail(
+            "model",
+            f"{n:,} parameters",
+            f"its dense Hessian takes {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}"
+            f", more than the {total / 2**30:.1f} GiB of {device.type} memory: use the "
+            "matrix-free top_eigen, hutchinson_trace and spectral_density",
+        )
+
+
 def dense_hessian(
     model: nn.Module,
     loss_fn: LossFn,
@@ -150,7 +174,9 @@ def dense_hessian(
     for v in values:
         offsets.append(offsets[-1] + v.numel())
     n, device = offsets[-1], values[0].device
-    h = torch.zeros(n, n, dtype=dtype or values[0].dtype, device=device)
+    dtype = dtype or values[0].dtype
+    _check_fits(n, dtype, device)
+    h = torch.zeros(n, n, dtype=dtype, device=device)
     samples, done = 0, 0
     with eval_mode(model):
         for x, y in batch_source(batches)():
