@@ -342,7 +342,7 @@ class LanczosResult:
         if self.basis is None:
             raise ValueError("Invalid request: the Lanczos basis was not kept (keep_basis=True)")
         _, vecs = self.eigh()
-        return vecs.T.to(self.basis.dtype) @ self.basis
+        return vecs.T.to(self.basis) @ self.basis  # T is on the CPU, the basis maybe not
 
 
 def lanczos(
