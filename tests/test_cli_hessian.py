@@ -39,6 +39,7 @@ def test_all_four_analyses_agree_and_are_recorded(run, capsys):
     ev = np.load(run / dense["eigenvalues_file"])
     assert ev.shape == (1210,) and dense["dtype"] == "float64" and np.all(np.diff(ev) >= 0)
     assert dense["count"] == 1210 and sum(dense["histogram"]["counts"]) == 1210
+    assert dense["batch_size"] == 512  # the 200 samples in one batch (same mean, fewer traces)
     top = r["top"]
     assert top["converged"] and top["eigenvalues"] == sorted(top["eigenvalues"], reverse=True)
     np.testing.assert_allclose(top["eigenvalues"], ev[::-1][:3], rtol=1e-3)
