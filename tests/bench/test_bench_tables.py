@@ -70,7 +70,7 @@ def test_landscape_records_of_the_final_model(tmp_path):
     records = [
         {"kind": "sharpness", "step": 10, "result": {"sharpness": 9.0}},
         {"kind": "sharpness", "step": 40, "result": {"sharpness": 2.5}},
-        {"kind": "hessian", "step": 40, "result": {"eigenvalues": [3.0, 7.5, 1.0]}},
+        {"kind": "hessian", "step": 40, "result": {"top": {"eigenvalues": [3.0, 7.5, 1.0]}}},
     ]
     run = T.load_run(write_run(tmp_path / "r", CURVE, reason="max_steps", landscape=records))
     assert T.sharpness(run) == 2.5

@@ -11,9 +11,9 @@ diverges is complete (its ``end`` record says ``non-finite loss``); a run that f
 error is reported and the others go on.
 
 Analyses named in the spec (``sharpness``, ``hessian_top``, ``surface``) run in the worker on
-the final checkpoint through :mod:`valleys.bench.analyze`, appending to the run's
-``landscape.jsonl``; one already recorded at the final step is not repeated; one whose
-function this version lacks is skipped with a message.
+the final checkpoint through :mod:`valleys.bench.analyze` and :mod:`valleys.bench.analyze_hessian`,
+appending to the run's ``landscape.jsonl``; one already recorded at the final step is not
+repeated; one whose function this version lacks is skipped with a message.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ __all__ = [
 
 BUDGET_KEYS = ("max_steps", "max_epochs", "max_seconds")
 
-# analysis name -> (function of valleys.bench.analyze, kind of the record it appends)
-ANALYSES: dict[str, tuple[str, str]] = {
-    "sharpness": ("sharpness", "sharpness"),
-    "hessian_top": ("hessian", "hessian"),
-    "surface": ("surface", "surface"),
+# analysis name -> (module, function, kind of the record it appends, fixed options)
+ANALYSES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "sharpness": ("valleys.bench.analyze", "sharpness", "sharpness", {}),
+    "hessian_top": ("valleys.bench.analyze_hessian", "hessian", "hessian", {"analyses": ["top"]}),
+    "surface": ("valleys.bench.analyze", "surface", "surface", {}),
 }
 
 
@@ -148,20 +148,26 @@ def _fraction(job: Job) -> float:
 
 
 def analysis_function(name: str) -> Callable[..., Any] | None:
-    """The :mod:`valleys.bench.analyze` function behind analysis ``name`` (None when the name
-    is not in :data:`ANALYSES` or this version lacks the function)."""
-    from valleys.bench import analyze
+    """The function behind analysis ``name``, with the analysis's fixed options bound (None
+    when the name is not in :data:`ANALYSES` or this version lacks the function)."""
+    import functools
+    import importlib
 
     if name not in ANALYSES:
         return None
-    return getattr(analyze, ANALYSES[name][0], None)
+    module, function, _, fixed = ANALYSES[name]
+    fn = getattr(importlib.import_module(module), function, None)
+    if fn is None:
+        return None
+    return functools.partial(fn, **fixed) if fixed else fn
 
 
 def unavailable(name: str) -> str:
     """Why analysis ``name`` cannot run here (one line)."""
     if name not in ANALYSES:
         return f"unknown analysis {name!r} (known: {', '.join(ANALYSES)})"
-    return f"this version of valleys has no valleys.bench.analyze.{ANALYSES[name][0]}"
+    module, function, _, _ = ANALYSES[name]
+    return f"this version of valleys has no {module}.{function}"
 
 
 def _analyses_done(job: Job, analyses: Sequence[tuple[str, dict]]) -> list[str]:
@@ -174,7 +180,7 @@ def _analyses_done(job: Job, analyses: Sequence[tuple[str, dict]]) -> list[str]:
     except ValueError:
         return []
     kinds = {r.get("kind") for r in records if r.get("step") == last.get("step")}
-    return [name for name, _ in analyses if ANALYSES[name][1] in kinds]
+    return [name for name, _ in analyses if ANALYSES[name][2] in kinds]
 
 
 def _run_analyses(job: Job, analyses: Sequence[tuple[str, dict]]) -> list[str]:

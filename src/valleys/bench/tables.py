@@ -265,9 +265,11 @@ def sharpness(run: RunData) -> float | None:
 
 
 def top_eigenvalue(run: RunData) -> float | None:
-    """The largest Hessian eigenvalue recorded for the run's final model, if any."""
-    result = _landscape(run, "hessian", "eigenvalues")
-    values = result.get("eigenvalues") if result else None
+    """The largest Hessian eigenvalue recorded for the run's final model, if any (from the
+    ``top`` part of a ``valleys hessian`` record)."""
+    result = _landscape(run, "hessian", "top")
+    top = result.get("top") if result else None
+    values = top.get("eigenvalues") if isinstance(top, dict) else None
     if not isinstance(values, list) or not values:
         return None
     flat = [v for v in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(v)]
