@@ -10,6 +10,13 @@ bit-identical batches.
 ``Augment`` transforms a whole batch at once on the device: random crops from one zero-padded
 copy of the batch (its sliding windows as an ``unfold`` view, one advanced index picking each
 sample's window at its own offset) and horizontal flips chosen per sample with ``torch.where``.
+
+Several processes (``shard=(rank, world)``, data parallelism): every process keeps the same
+stream — the same seed, permutation and position — over the global batch of ``batch_size``
+samples, and takes its contiguous part of each batch (``world`` parts whose sizes differ by at
+most one). The union of the parts is the batch a single process would draw, augmented with the
+same random draws, so that N processes together follow the single-process run, and a
+checkpoint of the stream is the same on every process and for any number of them.
 """
 
 from __future__ import annotations
@@ -76,18 +83,30 @@ class Augment:
         return self._gen
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor, start: int = 0, total: int | None = None) -> torch.Tensor:
+        """Augment ``x``, rows ``start … start + len(x)`` of a batch of ``total`` samples
+        (default: ``x`` is the whole batch): the random draws are those of the whole batch,
+        of which the rows of ``x`` keep theirs (a process's part of a global batch)."""
         if x.ndim != 4:
             check.fail("batch", tuple(x.shape), "Augment expects images (B, C, H, W)")
         if not self.pad and not self.flip:
             return x
         b, c, h, w = x.shape
+        total = b if total is None else total
+        if not 0 <= start <= start + b <= total:
+            check.fail("rows", (start, b, total), "the rows must lie within the batch")
+        rows = slice(start, start + b)
         dev = x.device
         g = self._generator(dev)
         p = self.pad
         if p:
-            offsets = torch.randint(0, 2 * p + 1, (2, b), generator=g, device=dev)
+            offsets = torch.randint(0, 2 * p + 1, (2, total), generator=g, device=dev)[:, rows]
         if self.flip:
-            flipped = torch.randint(0, 2, (b, 1, 1, 1), generator=g, device=dev, dtype=torch.bool)
+            flipped = torch.randint(
+                0, 2, (total, 1, 1, 1), generator=g, device=dev, dtype=torch.bool
+            )[rows]
         if p:
             if len(self.fill) not in (1, c):
                 check.fail("fill", self.fill, f"expected one value or {c} (one per channel)")
@@ -147,8 +166,15 @@ class BatchStream:
     replacement (Entropy-SGD's original sampling).
     ``augment`` (e.g. ``Augment(pad=4)``) is applied to every input batch.
 
+    ``shard=(rank, world)``: this process is one of ``world`` sharing each batch (see the
+    module docstring); ``batch_size`` is the global batch, a multiple of ``world``, and
+    ``next()`` returns this rank's rows of it. ``weight`` is then ``world · n_rank / n_batch``
+    for the last batch drawn (1 unless a smaller last batch of an epoch splits unevenly), the
+    factor that makes the mean over ranks of per-rank means the mean over the batch. An
+    ``augment`` other than :class:`Augment` sees only this rank's rows.
+
     ``next()`` returns ``(x_batch, y_batch)``; the stream is also an iterator. Progress:
-    ``samples_drawn``, ``batches_drawn``, ``epochs = samples_drawn / n``.
+    ``samples_drawn``, ``batches_drawn``, ``epochs = samples_drawn / n`` (global batches).
     """
 
     def __init__(
@@ -161,6 +187,7 @@ class BatchStream:
         sampling: str = "shuffle",
         drop_last: bool = True,
         augment: Augment | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if x.shape[0] != y.shape[0]:
             check.fail("x/y", (tuple(x.shape), tuple(y.shape)), "need the same number of rows")
@@ -177,6 +204,19 @@ class BatchStream:
             check.fail("batch_size", batch_size, f"larger than the {self.n} samples with drop_last")
         if augment is not None and not callable(augment):
             check.fail("augment", augment, "expected an Augment (or a callable on batches)")
+        rank, world = (0, 1) if shard is None else shard
+        self.world = check.count("shard world size", world, 1)
+        self.rank = check.count("shard rank", rank)
+        if self.rank >= self.world:
+            check.fail("shard", shard, "expected (rank, world) with 0 <= rank < world")
+        if self.batch_size % self.world:
+            check.fail(
+                "batch_size",
+                batch_size,
+                f"the global batch is split evenly over {self.world} processes: use a "
+                f"multiple of {self.world}",
+            )
+        self.weight = 1.0
         self.x, self.y, self.augment = x, y, augment
         self.device = x.device
         self._gen = _device_generator(self.device, self.seed)
@@ -212,13 +252,24 @@ class BatchStream:
         return idx
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch ``(x_batch, y_batch)``."""
+        """The next training batch ``(x_batch, y_batch)`` (this rank's rows of it)."""
         idx = self._indices()
-        xb = self.x.index_select(0, idx)
-        yb = self.y.index_select(0, idx)
+        total = int(idx.shape[0])
+        start, local = 0, idx
+        if self.world > 1:
+            base, extra = divmod(total, self.world)
+            start = self.rank * base + min(self.rank, extra)
+            size = base + (1 if self.rank < extra else 0)
+            local = idx[start : start + size]
+            self.weight = self.world * size / total
+        xb = self.x.index_select(0, local)
+        yb = self.y.index_select(0, local)
         if self.augment is not None:
-            xb = self.augment(xb)
-        self.samples_drawn += idx.shape[0]
+            if self.world > 1 and isinstance(self.augment, Augment):
+                xb = self.augment.apply(xb, start, total)
+            else:
+                xb = self.augment(xb)
+        self.samples_drawn += total
         self.batches_drawn += 1
         return xb, yb
 

@@ -83,6 +83,7 @@ class Closure:
         same_batch: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         scaler: LossScaler | None = None,
+        reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -91,6 +92,7 @@ class Closure:
         self.same_batch = same_batch
         self.autocast = autocast or contextlib.nullcontext
         self.scaler = scaler
+        self.reduce = reduce  # averages over processes (valleys.distributed); SGN reads it too
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.calls = 0  # closure calls (forward/backward passes) so far
         self.found_inf: torch.Tensor | None = None
@@ -118,10 +120,23 @@ class Closure:
             loss.backward()
         else:
             self.scaler.scale_loss(loss).backward()
+        loss = loss.detach()
+        if self.reduce is not None:
+            loss = self._average(loss)
+        if self.scaler is not None:
             bad = self.scaler.unscale_(self.params)
             self.found_inf = bad if self.found_inf is None else self.found_inf | bad
         self.calls += 1
-        return loss.detach()
+        return loss
+
+    @torch.no_grad()
+    def _average(self, loss: torch.Tensor) -> torch.Tensor:
+        """Gradients and loss averaged over the processes, in one collective per dtype,
+        before unscaling: an inf/NaN on any rank reaches every rank, so all skip together."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        *means, loss = self.reduce([*grads, loss])  # type: ignore[misc]
+        torch._foreach_copy_(grads, means)
+        return loss
 
     def add_passes(self, n: int) -> None:
         """Count ``n`` passes that the optimizer made on this step's batch by itself, without
@@ -139,6 +154,7 @@ def make_closure(
     same_batch: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     scaler: LossScaler | None = None,
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> Closure:
     """The one closure that drives every optimizer.
 
@@ -156,6 +172,10 @@ def make_closure(
     same closure: they read the step's batch from :meth:`Closure.batch` (with
     ``same_batch=True``), compute their passes themselves and report them through
     :meth:`Closure.add_passes`.
+
+    Data parallelism: ``reduce`` (e.g. :func:`valleys.distributed.mean_reducer`) averages the
+    gradients and the loss of every call over the processes, after the backward pass and
+    before the fp16 unscaling and inf/NaN check; SGN averages its own passes with it.
     """
     return Closure(
         model,
@@ -165,4 +185,5 @@ def make_closure(
         same_batch=same_batch,
         autocast=autocast,
         scaler=scaler,
+        reduce=reduce,
     )
