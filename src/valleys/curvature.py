@@ -113,6 +113,11 @@ class Products:
     used) and ``products`` (number of products so far). The products are those of the point
     as it was at the factory call as long as the parameter tensors are not changed in place
     (the stored values may be views of them): build a new one after an update.
+
+    ``reduce`` (data parallelism, e.g. :func:`valleys.distributed.mean_reducer`): each process
+    holds its part of the batch, and ``loss`` with ``grad``, every product and every
+    :meth:`loss_at` are reduced by it (one collective each), so that they are those of the
+    global batch on every process (``outputs`` stay this process's).
     """
 
     def __init__(
@@ -123,9 +128,13 @@ class Products:
         outputs: Tensor,
         product: Callable[[list[Tensor]], list[Tensor]],
         method: str,
+        reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
     ) -> None:
         self._objective = objective
         self._product = product
+        self._reduce = reduce
+        if reduce is not None:
+            *grad, loss = reduce([*grad, loss])
         self.loss = loss
         self.grad = list(grad)
         self.outputs = outputs
@@ -139,12 +148,14 @@ class Products:
             raise ValueError(f"Invalid vector: {len(v)} tensors for {len(self.params)} parameters")
         self.products += 1
         with torch.no_grad():
-            return self._product(list(v))
+            out = self._product(list(v))
+            return out if self._reduce is None else self._reduce(out)
 
     def loss_at(self, params: Sequence[Tensor]) -> Tensor:
         """The loss of the same batch at parameter values ``params`` (same order), with the
         same dropout masks and without touching BatchNorm buffers; 0-d, no graph."""
-        return self._objective.loss_at(params)
+        value = self._objective.loss_at(params)
+        return value if self._reduce is None else self._reduce([value])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +255,9 @@ def _hvp_trace(obj: Objective) -> Callable:
     return fn
 
 
-def _traced(kind: str, obj: Objective, update_buffers: bool, strict: bool) -> Products | None:
+def _traced(
+    kind: str, obj: Objective, update_buffers: bool, strict: bool, reduce: Any = None
+) -> Products | None:
     """Products from the cached split trace; ``None`` if the model cannot be traced (and
     ``strict`` is off)."""
     graphs = _CACHE.setdefault(obj.model, {})
@@ -279,14 +292,14 @@ def _traced(kind: str, obj: Objective, update_buffers: bool, strict: bool) -> Pr
     def product(v: list[Tensor]) -> list[Tensor]:
         return graph.tangent(saved, v)
 
-    return Products(obj, loss, grad, z, product, "traced")
+    return Products(obj, loss, grad, z, product, "traced", reduce)
 
 
 # ---------------------------------------------------------------------------------------------
 # eager products
 
 
-def _ggn_eager(obj: Objective, method: str, update_buffers: bool) -> Products:
+def _ggn_eager(obj: Objective, method: str, update_buffers: bool, reduce: Any = None) -> Products:
     values = tuple(obj.values)
 
     def f(*ps: Tensor) -> Tensor:
@@ -319,10 +332,10 @@ def _ggn_eager(obj: Objective, method: str, update_buffers: bool) -> Products:
         w = obj.loss.hvp(z, obj.y, tangent(v))
         return list(vjp_fn(w))
 
-    return Products(obj, value.detach(), grad, z, product, method)
+    return Products(obj, value.detach(), grad, z, product, method, reduce)
 
 
-def _hvp_eager(obj: Objective, update_buffers: bool) -> Products:
+def _hvp_eager(obj: Objective, update_buffers: bool, reduce: Any = None) -> Products:
     values = tuple(obj.values)
     leaves = [v.detach().requires_grad_(True) for v in values]
     with torch.enable_grad(), obj.rng.first():
@@ -347,7 +360,13 @@ def _hvp_eager(obj: Objective, update_buffers: bool) -> Products:
         return _zeros_for(out, values)
 
     return Products(
-        obj, value.detach(), [g.detach() for g in grads], z.detach(), product, "reverse"
+        obj,
+        value.detach(),
+        [g.detach() for g in grads],
+        z.detach(),
+        product,
+        "reverse",
+        reduce,
     )
 
 
@@ -364,6 +383,7 @@ def ggn_fn(
     params: Mapping[str, Tensor] | None = None,
     method: str = "auto",
     update_buffers: bool = False,
+    reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
 ) -> Products:
     r"""The GGN products ``v ↦ Jᵀ H_ℓ J v`` of ``loss(model(inputs), targets)`` at ``params``.
 
@@ -371,18 +391,19 @@ def ggn_fn(
     model's trainable parameters as they are); other parameters and buffers keep the
     model's values. ``method``: see the module docstring (``"auto"``, ``"traced"``, ``"jvp"``,
     ``"linearize"``). ``update_buffers``: let this call's forward pass update BatchNorm
-    running statistics once. The call costs one forward and one backward pass (loss and
-    gradient come with it); each product about one more gradient's worth with
-    ``"traced"``.
+    running statistics once. ``reduce``: average loss, gradient, products and trial losses
+    over processes holding parts of the batch (see :class:`Products`). The call costs one
+    forward and one backward pass (loss and gradient come with it); each product about one
+    more gradient's worth with ``"traced"``.
     """
     check.choice("method", method, GGN_METHODS)
     obj = Objective(model, loss, inputs, targets, params)
     if method in ("auto", "traced"):
-        out = _traced("ggn", obj, update_buffers, strict=method == "traced")
+        out = _traced("ggn", obj, update_buffers, strict=method == "traced", reduce=reduce)
         if out is not None:
             return out
         method = "jvp"
-    return _ggn_eager(obj, method, update_buffers)
+    return _ggn_eager(obj, method, update_buffers, reduce)
 
 
 def hvp_fn(
@@ -394,6 +415,7 @@ def hvp_fn(
     params: Mapping[str, Tensor] | None = None,
     method: str = "auto",
     update_buffers: bool = False,
+    reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
 ) -> Products:
     r"""The Hessian products ``v ↦ ∇²_θ ℓ v`` of ``loss(model(inputs), targets)`` at
     ``params``; arguments as :func:`ggn_fn` (``method``: ``"auto"``, ``"traced"``,
@@ -401,11 +423,11 @@ def hvp_fn(
     check.choice("method", method, HVP_METHODS)
     obj = Objective(model, loss, inputs, targets, params)
     if method in ("auto", "traced"):
-        out = _traced("hvp", obj, update_buffers, strict=method == "traced")
+        out = _traced("hvp", obj, update_buffers, strict=method == "traced", reduce=reduce)
         if out is not None:
             return out
         method = "reverse"
-    return _hvp_eager(obj, update_buffers)
+    return _hvp_eager(obj, update_buffers, reduce)
 
 
 def averaged(

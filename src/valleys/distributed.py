@@ -387,8 +387,8 @@ def shard_rows(n: int, rank_: int | None = None, world: int | None = None) -> sl
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` holds sharded parameters (FSDP1, FSDP2 ``fully_shard``, DTensors):
     then no rank has the full parameter vector that SGN and the curvature products need."""
-    if not torch.distributed.is_available():
-        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # sharding needs a process group
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     kinds: tuple[type, ...] = (FullyShardedDataParallel,)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from valleys import _validate as check
-from valleys import curvature, linalg
+from valleys import curvature, distributed, linalg
 
 __all__ = ["DAMPING_SCHEDULES", "SGN", "scheduled_damping", "trust_region_update"]
 
@@ -165,6 +165,12 @@ class SGN(torch.optim.Optimizer):
     solved as one system. Between steps it also keeps scratch storage (not state): four
     parameter-sized buffers, six with the preconditioner, seven with momentum.
 
+    **Several processes** (data parallelism, each holding the whole model and its part of the
+    batch): the loss and gradient, every GGN product inside CG and every trial loss of the
+    line search and trust region are averaged over the processes (:attr:`reduce`), so that
+    every process runs the same global CG on the global batch's GGN and takes the same step.
+    A sharded model (FSDP) is refused: CG and the products act on full parameter vectors.
+
     **Statistics.** :meth:`stats` (see there).
 
     Example::
@@ -178,6 +184,11 @@ class SGN(torch.optim.Optimizer):
     # tolerance (1: every iteration, as the original; higher values save host syncs on GPUs).
     curvature_method: str = "auto"
     cg_check_every: int = 1
+    # How a step's passes are averaged over processes: "auto" takes the closure's ``reduce``
+    # when it has one (the training loop's, weighted by each rank's share of the batch), else
+    # the mean over the process group when one is initialised (equal shards), else nothing;
+    # None never reduces; a callable (valleys.distributed.Reduce) is used as it is.
+    reduce: Any = "auto"
 
     def __init__(
         self,
@@ -204,6 +215,13 @@ class SGN(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             check.fail("model", type(model).__name__, "SGN needs the torch.nn.Module itself")
+        if distributed.is_sharded(model):
+            check.fail(
+                "model",
+                type(model).__name__,
+                "SGN cannot run on a sharded (FSDP) model: its CG and GGN products act on the "
+                "full parameter vector; replicate the model on every process (data parallel)",
+            )
         self.model = model
         self.loss = curvature.output_loss(loss_fn)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -262,6 +280,7 @@ class SGN(torch.optim.Optimizer):
             params=dict(zip(self._names, params, strict=True)),
             method=self.curvature_method,
             update_buffers=True,
+            reduce=self._reducer(closure),
         )
         loss0, grad = prod.loss, prod.grad
         mhat = self._momentum(params, grad, group["momentum"], t)
@@ -329,6 +348,14 @@ class SGN(torch.optim.Optimizer):
         if callable(add_passes):
             add_passes(int(stats["passes"]))
         return loss0
+
+    def _reducer(self, closure: Any) -> distributed.Reduce | None:
+        """The averaging over processes of this step's passes (see ``reduce``)."""
+        if self.reduce != "auto":
+            return self.reduce
+        if closure is not None and hasattr(closure, "reduce"):
+            return closure.reduce
+        return distributed.mean_reducer()
 
     def _momentum(self, params: list[Tensor], grad: list[Tensor], beta: float, t: int):
         """m̂: the bias-corrected EMA of the gradients (the gradient itself when β = 0)."""
