@@ -44,6 +44,7 @@ __all__ = [
     "Reduce",
     "all_reduce_mean",
     "all_reduce_sum",
+    "all_reduce_sum_",
     "barrier",
     "broadcast_module_",
     "broadcast_object",
@@ -259,6 +260,19 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> list[Tensor]:
     if not is_initialized():
         return list(tensors)
     return _reduce(tensors, 1.0, mean=False)
+
+
+@torch.no_grad()
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """``Σ_r t_r`` written into ``tensor`` itself (no copy of a large matrix on a device the
+    backend reduces); returns it."""
+    if not is_initialized():
+        return tensor
+    comm = tensor.to(_comm_device(tensor.device))
+    torch.distributed.all_reduce(comm, op=torch.distributed.ReduceOp.SUM)
+    if comm is not tensor:
+        tensor.copy_(comm)
+    return tensor
 
 
 def all_reduce_mean(tensors: Sequence[Tensor], weight: float = 1.0) -> list[Tensor]:

@@ -16,6 +16,18 @@ mean-reduced batch losses ``ℓ_b = loss_fn(model(x_b), y_b)`` with ``n_b = len(
 smaller last batch is weighted correctly. Sums are accumulated in float64 on the device and
 returned as tensors: nothing here synchronises with the device inside a pass.
 
+Several processes
+-----------------
+When a process group is initialised (:mod:`valleys.distributed`, e.g. under ``torchrun``),
+every full-dataset pass is shared: batch ``i`` of the pass is computed by rank ``i mod N``
+and the sums ``Σ_b n_b·ℓ_b``, ``Σ_b n_b`` (and gradients, Hessian-vector products) are
+added up over the ranks, so that every rank gets the full-dataset value and the diagnostics
+built on them (Lanczos, Hutchinson, sharpness, surfaces) run identically everywhere. Every
+rank must then call the diagnostic with the same batches; to run one on a single rank, call
+it inside ``valleys.distributed.single_process()``. A stream of mini-batches (the ascent
+batches of :func:`~valleys.landscape.sharpness.keskar_sharpness`) is not shared: each rank
+reads the same batches.
+
 Parameters
 ----------
 Diagnostics never write into the model. A model is evaluated at other parameter values with
@@ -36,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from valleys import _validate as check
+from valleys import distributed
 
 __all__ = [
     "Batch",
@@ -49,6 +62,7 @@ __all__ = [
     "eval_mode",
     "full_loss",
     "full_loss_and_grad",
+    "local_pass",
     "offset_parameters",
     "trainable_parameters",
 ]
@@ -90,6 +104,15 @@ def as_stream(batches: Batches) -> Iterator[Batch]:
     return cycle()
 
 
+def local_pass(source: Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
+    """This rank's batches of one pass over ``source()``: batch ``i`` goes to rank
+    ``i mod N`` (all of them without a process group)."""
+    world, me = distributed.world_size(), distributed.rank()
+    for i, batch in enumerate(source()):
+        if i % world == me:
+            yield batch
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode; afterwards every module's training flag is what it was."""
@@ -120,6 +143,13 @@ def trainable_parameters(
             chosen[by_id[id(p)]] = p
     if not chosen:
         check.fail("params", "none", "the model has no parameters to act on")
+    if distributed.is_sharded(model):
+        check.fail(
+            "model",
+            type(model).__name__,
+            "a sharded (FSDP) model: the diagnostics act on full parameter vectors; load the "
+            "weights into an unsharded model (every rank may hold one and share the batches)",
+        )
     return chosen
 
 
@@ -154,10 +184,12 @@ def dataset_mean(
 ) -> tuple[Tensor | list[Tensor], int]:
     """``(Σ_b n_b·fn(x_b, y_b) / Σ_b n_b, Σ_b n_b)``: the per-sample-weighted mean of a
     per-batch mean over one pass, for a tensor or a list of tensors (gradients, Hessian-vector
-    products). Accumulates in the dtype ``fn`` returns."""
+    products). Accumulates in the dtype ``fn`` returns. With a process group the batches are
+    shared out and the sums added up over the ranks (see the module docstring)."""
     total: Tensor | list[Tensor] | None = None
     n = 0
-    for x, y in batch_source(batches)():
+    source = batch_source(batches)
+    for x, y in local_pass(source):
         value = fn(x, y)
         b = _count(y)
         if isinstance(value, Tensor):
@@ -169,12 +201,38 @@ def dataset_mean(
             else:
                 torch._foreach_add_(total, values, alpha=b)
         n += b
+    if distributed.world_size() > 1:
+        total, n = _sum_over_ranks(fn, source, total, n)
     if total is None or n == 0:
         check.fail("batches", "empty", "the batches hold no samples")
     if isinstance(total, Tensor):
         return total / n, n
     torch._foreach_div_(total, n)
     return total, n
+
+
+def _sum_over_ranks(
+    fn: Callable[[Tensor, Tensor], Tensor | Sequence[Tensor]],
+    source: Callable[[], Iterable[Batch]],
+    total: Tensor | list[Tensor] | None,
+    n: int,
+) -> tuple[Tensor | list[Tensor] | None, int]:
+    """The sums of :func:`dataset_mean` added up over the ranks. A rank that got no batch
+    (fewer batches than ranks) learns the shapes from the first batch and adds zeros."""
+    if total is None:
+        first = next(iter(source()), None)
+        if first is None:  # empty everywhere: every rank fails alike
+            return None, 0
+        value = fn(*first)
+        if isinstance(value, Tensor):
+            total = torch.zeros_like(value)
+        else:
+            total = [torch.zeros_like(v) for v in value]
+    parts = [total] if isinstance(total, Tensor) else list(total)
+    count = torch.tensor(float(n), dtype=torch.float64, device=parts[0].device)
+    *summed, count = distributed.all_reduce_sum([*parts, count])
+    n = round(float(count))
+    return (summed[0] if isinstance(total, Tensor) else summed), n
 
 
 class LossValue(NamedTuple):

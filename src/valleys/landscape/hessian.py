@@ -37,8 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from valleys import _validate as check
+from valleys import distributed
 from valleys.curvature import hvp_fn
-from valleys.landscape.common import Batches, LossFn, batch_source, eval_mode, trainable_parameters
+from valleys.landscape.common import (
+    Batches,
+    LossFn,
+    batch_source,
+    eval_mode,
+    local_pass,
+    trainable_parameters,
+)
 from valleys.linalg import from_vector, lanczos, to_vector
 
 __all__ = [
@@ -67,7 +75,9 @@ class HessianOperator:
     the first product, and kept (its activations stay in memory) so that a later product
     costs about one gradient's worth of work; ``cache=False`` redoes them for every product
     and holds one batch at a time. ``products`` counts the products made; ``progress(k)``,
-    if given, is called after the ``k``-th.
+    if given, is called after the ``k``-th. With a process group each rank takes its share of
+    the batches (and caches only those) and the sums are added up over the ranks: every rank
+    gets ``H v`` (see :mod:`valleys.landscape.common`).
     """
 
     def __init__(
@@ -106,7 +116,7 @@ class HessianOperator:
             return
         kept: list[tuple[int, Any]] = []
         point = dict(zip(self.names, self.values, strict=True))
-        for x, y in self._source():
+        for x, y in local_pass(self._source):
             count = int(y.shape[0]) if y.dim() > 0 else 1
             products = hvp_fn(self.model, self.loss_fn, x, y, params=point, method=self.method)
             if self.cache:
@@ -126,7 +136,13 @@ class HessianOperator:
                 else:
                     torch._foreach_add_(total, out, alpha=count)
                 samples += count
-        if total is None:
+        if distributed.world_size() > 1:
+            if total is None:  # no batch fell to this rank
+                total = [torch.zeros_like(p) for p in self.values]
+            n = torch.tensor(float(samples), dtype=torch.float64, device=self.device)
+            *total, n = distributed.all_reduce_sum([*total, n])
+            samples = round(float(n))
+        if total is None or samples == 0:
             check.fail("batches", "empty", "the batches hold no samples")
         self.products += 1
         if self.progress is not None:

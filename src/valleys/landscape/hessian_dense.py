@@ -60,7 +60,15 @@ import torch
 from torch import Tensor, nn
 
 from valleys import _validate as check
-from valleys.landscape.common import Batches, LossFn, batch_source, eval_mode, trainable_parameters
+from valleys import distributed
+from valleys.landscape.common import (
+    Batches,
+    LossFn,
+    batch_source,
+    eval_mode,
+    local_pass,
+    trainable_parameters,
+)
 
 __all__ = ["DENSE_METHODS", "SpectrumResult", "dense_hessian", "dense_spectrum", "eigvalsh"]
 
@@ -163,7 +171,8 @@ def dense_hessian(
     on their device; ``chunk_size`` unit vectors per vmap call; ``method``: ``"auto"``,
     ``"linearize"`` or ``"jvp"`` (see the module docstring). ``progress(k)`` is called after
     each chunk with the number of (column, batch) pairs done, out of ``n × number of
-    batches``.
+    batches`` (of this rank's batches: with a process group each rank assembles the columns
+    of its share of the batches and the matrices are summed over the ranks).
     """
     chunk_size = check.count("chunk_size", chunk_size, 1)
     method = check.choice("method", method, DENSE_METHODS)
@@ -179,7 +188,7 @@ def dense_hessian(
     h = torch.zeros(n, n, dtype=dtype, device=device)
     samples, done = 0, 0
     with eval_mode(model):
-        for x, y in batch_source(batches)():
+        for x, y in local_pass(batch_source(batches)):
             count = int(y.shape[0]) if y.dim() > 0 else 1
             for k, value in enumerate(values):
                 size, start = value.numel(), offsets[k]
@@ -200,6 +209,10 @@ def dense_hessian(
                     if progress is not None:
                         progress(done)
             samples += count
+    if distributed.world_size() > 1:  # each rank summed its share of the batches
+        distributed.all_reduce_sum_(h)
+        (n,) = distributed.all_reduce_sum([torch.tensor([float(samples)], dtype=torch.float64)])
+        samples = round(float(n))
     if samples == 0:
         check.fail("batches", "empty", "the batches hold no samples")
     h.div_(samples)

@@ -61,10 +61,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from valleys import distributed, schedules
 from valleys import optim as optim_registry
-from valleys import schedules
 from valleys.train import checkpoint as ckpt
 from valleys.train import config as C
+from valleys.train import parallel
 from valleys.train.checkpoint import write_atomic
 from valleys.train.closure import Closure, LossScaler, make_closure
 from valleys.train.evaluate import (
@@ -275,18 +276,21 @@ class Trainer:
 
         cfg = C.validate(cfg)
         r = cfg.run
-        self.device = select_device(r.device)
-        self.run_dir = Path(r.dir) if r.dir else _default_dir(cfg)
-        saved = self._check_dir(cfg)
+        # several processes (torchrun): join them; rank 0 alone names the run directory,
+        # checks it and reads the checkpoint, for every rank
+        self.device = distributed.init(select_device(r.device))
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        self.run_dir, saved = distributed.from_main(lambda: self._locate(cfg))
 
         # data
         if dataset is None:
-            dataset = build_dataset(cfg)
+            dataset = distributed.main_first(lambda: build_dataset(cfg))
         _check_dataset(dataset, cfg)
         self.dataset = dataset.to(self.device)
         self.task = dataset.task
         n = int(dataset.x_train.shape[0])
         self.spe = C.steps_per_epoch(n, cfg.data.batch_size, cfg.data.drop_last)
+        parallel.check_batches(cfg, n, self.world)
         self.cfg = C.resolve(cfg, num_train=n)
         self.resolved = C.to_dict(self.cfg)
         if saved is not None:
@@ -341,6 +345,7 @@ class Trainer:
             sampling=cfg.data.sampling,
             drop_last=cfg.data.drop_last,
             augment=augment,
+            shard=(distributed.rank(), self.world),
         )
         self.closure = make_closure(
             self.train_model,
@@ -350,6 +355,7 @@ class Trainer:
             same_batch=spec.same_batch,
             autocast=self.autocast,
             scaler=self.scaler,
+            reduce=distributed.mean_reducer(lambda: self.stream.weight),
         )
 
         # counters
@@ -370,8 +376,13 @@ class Trainer:
         self._resumed = saved is not None
         if saved is not None:
             self._load(saved)
+        distributed.broadcast_module_(self.model)  # as DistributedDataParallel does
 
     # -- run directory -------------------------------------------------------------------
+
+    def _locate(self, cfg: C.Config) -> tuple[Path, dict[str, Any] | None]:
+        self.run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_dir(cfg)
+        return self.run_dir, self._check_dir(cfg)
 
     def _check_dir(self, cfg: C.Config) -> dict[str, Any] | None:
         """The checkpoint to resume from, or None for a fresh run; errors leave the directory
@@ -543,9 +554,15 @@ class Trainer:
             if r.max_steps is not None and self.step >= r.max_steps:
                 return "max_steps"
             return "max_epochs"
-        if r.max_seconds is not None and self.timer.read() >= r.max_seconds:
+        if r.max_seconds is not None and self._clock() >= r.max_seconds:
             return "max_seconds"
         return None
+
+    def _clock(self) -> float:
+        """Training time; with several processes rank 0's, so that every rank takes the same
+        time-based decisions (budget, learning rate) at the same step."""
+        elapsed = self.timer.read()
+        return distributed.broadcast_scalar(elapsed) if self.world > 1 else elapsed
 
     def _due(self, every_steps: int | None, every_epochs: float | None) -> bool:
         k = self.step
@@ -612,6 +629,7 @@ class Trainer:
         bs = self.cfg.data.eval_batch_size
         start = _now()
         out: dict[str, Any] = {}
+        parallel.average_buffers_(self.model)
         views = [("", self.model)]
         if self.ema is not None:
             em = self._ema_model
@@ -625,7 +643,7 @@ class Trainer:
             if r.eval_train:
                 splits.append(("train", ds.x_train, ds.y_train))
             for split, x, y in splits:
-                values = evaluate(
+                values = parallel.evaluate(
                     model, x, y, task=self.task, batch_size=bs, autocast=self.autocast
                 )
                 for key, value in values.items():
@@ -691,6 +709,9 @@ class Trainer:
         return record
 
     def _save_checkpoint(self) -> None:
+        parallel.average_buffers_(self.model)
+        if not self.main:  # rank 0 writes for all
+            return
         self.metrics_offset = self.metrics.offset
         ckpt.save(self.run_dir / CHECKPOINT, self.state_dict())
 
@@ -705,7 +726,7 @@ class Trainer:
             {"kind": "end", **self._counters(), "reason": "non-finite loss", "loss": shown}
         )
         path = self.run_dir / CHECKPOINT
-        if path.exists():
+        if self.main and path.exists():
             kept = f"the last good checkpoint is {path} (step {ckpt.load(path)['step']})"
         else:
             kept = "no checkpoint had been written yet"
@@ -725,6 +746,13 @@ class Trainer:
     def _open(self) -> None:
         r = self.cfg.run
         resumed = self._resumed
+        if not self.main:  # the run directory is rank 0's: the others write nothing
+            self.metrics = parallel.NullLog()
+            if not resumed:
+                self._save_checkpoint()  # its collective part (buffers), as rank 0 does
+            self.tb = TensorBoard(self.run_dir / "tb", enabled=False)
+            self.progress = Progress(None, enabled=False)
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt.stale_temporaries(self.run_dir):  # from a process killed mid-write
             stale.unlink(missing_ok=True)
@@ -743,6 +771,7 @@ class Trainer:
         segment = {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "start_step": self.step,
+            "world_size": self.world,
             "argv": env.pop("argv"),
         }
         if resumed and env_path.exists():
@@ -768,7 +797,7 @@ class Trainer:
             self._resumed
             and self.finished
             and self._budget_reason() is not None
-            and self._closing_records_written()
+            and distributed.from_main(self._closing_records_written)
         ):
             return self._result(self._budget_reason() or "finished", self.last_eval)
         old_threads = torch.get_num_threads()
@@ -803,7 +832,7 @@ class Trainer:
         self.timer.start()
         while reason is None:
             if self.scheduler is None:
-                self._set_time_lr(self.timer.read())
+                self._set_time_lr(self._clock())
             loss, skipped = self.train_step()
             if not skipped:
                 self._loss_sum += loss.double()

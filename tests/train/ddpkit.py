@@ -1,0 +1,169 @@
+"""Data-parallel training runs for ``test_ddp.py``: the jobs, and the worker that runs them.
+
+Run as a script under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=2
+tests/train/ddpkit.py SPEC.json``), each process joins the gloo group once and runs every job
+of the spec in order — one start-up for all of them — saving its own parameters and results to
+``<out>/<job>.rank<r>.pt``; the test runs the same jobs in one process and compares.
+
+Models are float64 (the 64-16-10 MLP on digits without BatchNorm or dropout), so that the only
+differences between N processes and one are the orders of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from valleys import data, distributed, models
+from valleys import optim as optim_registry
+from valleys.train import config as C
+from valleys.train import train
+
+STEPS = 6
+COMMON = (
+    "data.batch_size=64",  # the global batch: 32 per process with 2
+    f"run.max_steps={STEPS}",
+    "run.log_every_steps=3",
+    "run.eval_every_steps=3",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.threads=1",
+)
+
+# Hyperparameters that make a few steps move the weights visibly; an optimizer missing here
+# runs with its defaults.
+HPARAMS: dict[str, tuple[str, ...]] = {
+    "sgd": ("optim.lr=0.2", "optim.momentum=0.9"),
+    "nesterov": ("optim.lr=0.2",),
+    "adam": ("optim.lr=0.01",),
+    "adamw": ("optim.lr=0.01", "optim.weight_decay=0.1"),
+    "entropy_sgd": ("optim.lr=0.5", "optim.langevin_steps=3"),
+    "vsgd": ("optim.lr=0.05",),
+    "sam": ("optim.lr=0.2", "optim.rho=0.1"),
+    "sgn": ("optim.cg_max_iters=3", "optim.damping=0.01"),
+}
+
+
+def optimizer_overrides(name: str) -> list[str]:
+    """The overrides of the run of optimizer ``name``."""
+    return [*COMMON, f"optim.name={name}", *HPARAMS.get(name, ())]
+
+
+def jobs(root: Path) -> list[dict[str, Any]]:
+    """Every job, in the order the worker runs them (run directories under ``root``)."""
+    out: list[dict[str, Any]] = []
+    for name in optim_registry.names():
+        out.append({"name": name, "overrides": optimizer_overrides(name)})
+    # a last batch of each epoch split 19/18 (1437 = 7·200 + 37), augmented images, TensorBoard
+    out.append(
+        {
+            "name": "uneven",
+            "images": True,
+            "overrides": [
+                *optimizer_overrides("sgd"),
+                "data.batch_size=200",
+                "data.drop_last=false",
+                "data.augment={pad: 1}",
+                "run.max_steps=9",
+                "run.tensorboard=true",
+            ],
+        }
+    )
+    # stopped after 3 steps, a copy kept at that point, then resumed to STEPS
+    part = [*optimizer_overrides("entropy_sgd"), "run.max_steps=3"]
+    out.append({"name": "part", "dir": "resume", "overrides": part, "copy_to": "resume_at3"})
+    rest = [*optimizer_overrides("entropy_sgd"), "run.resume=true"]
+    out.append({"name": "rest", "dir": "resume", "overrides": rest})
+    # a time budget: rank 0's clock decides for every rank
+    timed = [*optimizer_overrides("sgd"), "run.max_steps=null", "run.max_seconds=0.5"]
+    out.append({"name": "timed", "overrides": timed})
+    out.append({"name": "landscape", "landscape": True})
+    for job in out:
+        job["dir"] = str(root / job.get("dir", job["name"]))
+    return out
+
+
+def digits(images: bool = False) -> data.Dataset:
+    """digits in float64 (flattened, or ``(N, 1, 8, 8)`` images)."""
+    ds = data.get("digits", flatten=not images)
+    return dataclasses.replace(ds, x_train=ds.x_train.double(), x_test=ds.x_test.double())
+
+
+def model_for(ds: data.Dataset) -> torch.nn.Module:
+    """The 64-16-10 ReLU MLP in float64, initialised from seed 0."""
+    torch.manual_seed(0)
+    return models.get("mlp", ds.input_shape, ds.num_outputs, widths=[16]).double()
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in this process (one rank of several, or alone); returns what to compare."""
+    if job.get("landscape"):
+        return landscape_values()
+    ds = digits(job.get("images", False))
+    model = model_for(ds)
+    cfg = C.load([], [*job["overrides"], f"run.dir={job['dir']}"])
+    result = train(cfg, dataset=ds, model=model)
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "step": result.step,
+        "final_eval": result.final_eval,
+    }
+
+
+def landscape_values() -> dict[str, Any]:
+    """Full-dataset loss, gradient, a Hessian-vector product, the top Hessian eigenvalue and
+    Keskar sharpness of the untrained model on digits' test split in batches of 50 (360
+    samples: 8 batches, the last one of 10)."""
+    from valleys.data.loader import eval_batches
+    from valleys.landscape import HessianOperator, keskar_sharpness, top_eigen
+    from valleys.landscape.common import full_loss, full_loss_and_grad
+    from valleys.train.evaluate import loss_function
+
+    ds = digits()
+    model = model_for(ds)
+    loss_fn = loss_function("classification")
+
+    def batches():
+        return eval_batches(ds.x_test, ds.y_test, 50)
+
+    params = list(model.parameters())
+    value = full_loss(model, loss_fn, batches, accuracy=True)
+    loss, grad = full_loss_and_grad(model, loss_fn, batches, params)
+    v = [torch.ones_like(p) / p.numel() for p in params]
+    hv = HessianOperator(model, loss_fn, batches)(v)
+    top = top_eigen(model, loss_fn, batches, k=1, tol=1e-8, seed=0)
+    sharp = keskar_sharpness(model, loss_fn, batches, epsilon=1e-3, steps=3, objective="full")
+    return {
+        "loss": value.loss,
+        "accuracy": value.accuracy,
+        "count": value.count,
+        "grad_loss": loss,
+        "grad": grad,
+        "hv": hv,
+        "top": torch.as_tensor(top.eigenvalues),
+        "sharpness": torch.as_tensor(sharp.sharpness),
+    }
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    distributed.init("cpu")
+    rank = distributed.rank()
+    for job in spec["jobs"]:
+        values = run_job(job)
+        torch.save(values, out / f"{job['name']}.rank{rank}.pt")
+        if job.get("copy_to") and distributed.is_main():
+            shutil.copytree(job["dir"], Path(job["dir"]).with_name(job["copy_to"]))
+        distributed.barrier()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
