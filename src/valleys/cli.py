@@ -2,11 +2,15 @@
 
 Bad input ends with a one-line message on stderr and exit status 2, never a traceback; a
 training run that diverges ends with a one-line message and exit status 1.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) only ``valleys train`` runs, data-parallel (see
+``docs/distributed.md``); only rank 0 prints, and every rank exits with the same status.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -58,11 +62,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = config.load(args.config or [], args.overrides)
     if args.dry_run:
         cfg = config.validate(cfg)
-        print(config.to_yaml(cfg), end="")
+        if _main_rank():
+            print(config.to_yaml(cfg), end="")
         return
     result = loop.train(cfg)
-    print(f"valleys train: {result.reason} reached")
-    print(_table(result.summary()))
+    if _main_rank():
+        print(f"valleys train: {result.reason} reached")
+        print(_table(result.summary()))
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
@@ -418,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _main_rank() -> bool:
+    """Whether this process prints: rank 0 of a torchrun launch, or the only process."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _error(message: str) -> None:
+    if _main_rank():  # the other ranks of a launch fail alike, silently
+        print(message, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``valleys`` console script."""
     parser = build_parser()
@@ -429,28 +445,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "train" and world not in ("", "0", "1"):
+        _error(
+            f"valleys {args.command}: error: runs in one process, but WORLD_SIZE={world} "
+            "(under torchrun only `valleys train` runs, data-parallel; start this one with "
+            "`valleys` or `python -m valleys`)"
+        )
+        return 2
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split("\n"))
-        print(f"valleys {args.command}: error: {message}", file=sys.stderr)
+        _error(f"valleys {args.command}: error: {message}")
         return 2
     except OSError as err:  # the system refused a file operation: permissions, disk full...
         what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
-        print(
+        _error(
             f"valleys {args.command}: error: {what} (check the path, its permissions and the "
-            "free space)",
-            file=sys.stderr,
+            "free space)"
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except RuntimeError as err:
         from valleys.train.loop import TrainingError
 
         if not isinstance(err, TrainingError):
             raise
-        print(f"valleys {args.command}: {err}", file=sys.stderr)
+        _error(f"valleys {args.command}: {err}")
         return 1
     return int(code or 0)

@@ -11,7 +11,9 @@ differences between N processes and one are the orders of floating-point sums.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import shutil
 import sys
@@ -84,6 +86,9 @@ def jobs(root: Path) -> list[dict[str, Any]]:
     timed = [*optimizer_overrides("sgd"), "run.max_steps=null", "run.max_seconds=0.5"]
     out.append({"name": "timed", "overrides": timed})
     out.append({"name": "landscape", "landscape": True})
+    # the command line's train (valleys.cli.main, as `torchrun -m valleys train` runs it)
+    cli = ["train", *optimizer_overrides("adam"), "run.max_steps=2"]
+    out.append({"name": "cli", "argv": cli})
     for job in out:
         job["dir"] = str(root / job.get("dir", job["name"]))
     return out
@@ -105,6 +110,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in this process (one rank of several, or alone); returns what to compare."""
     if job.get("landscape"):
         return landscape_values()
+    if "argv" in job:
+        return run_cli([*job["argv"], f"run.dir={job['dir']}"])
     ds = digits(job.get("images", False))
     model = model_for(ds)
     cfg = C.load([], [*job["overrides"], f"run.dir={job['dir']}"])
@@ -114,6 +121,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "step": result.step,
         "final_eval": result.final_eval,
     }
+
+
+def run_cli(argv: list[str]) -> dict[str, Any]:
+    """``valleys.cli.main(argv)`` with what it printed."""
+    from valleys import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(argv)
+    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
 
 
 def landscape_values() -> dict[str, Any]:
