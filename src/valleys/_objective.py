@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from valleys import _validate as check
+from valleys._precision import autocast_dtype, master
 
 __all__ = [
     "CrossEntropy",
@@ -269,7 +270,25 @@ class Objective:
         self.frozen = {n: p.detach() for n, p in own.items() if n not in params}
         self.buffers = dict(model.named_buffers())
         self.x, self.y = inputs, targets
-        self.rng = Rng(self.values[0].device)
+        self.device = self.values[0].device
+        self.rng = Rng(self.device)
+        # the autocast region in effect now fixes the precision of every later forward pass
+        self.precision = autocast_dtype(self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The model's forward passes: under autocast to :attr:`precision` (the region the
+        objective was built in), or with autocast off if it was built outside one."""
+        if self.precision is None and autocast_dtype(self.device) is None:
+            return contextlib.nullcontext()
+        enabled = self.precision is not None
+        return torch.autocast(self.device.type, dtype=self.precision, enabled=enabled)
+
+    def exact(self) -> contextlib.AbstractContextManager:
+        """Losses and their output-space derivatives: autocast off (inputs in float32 by
+        :func:`master`)."""
+        if autocast_dtype(self.device) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     def constants(self, real_buffers: bool) -> dict[str, Tensor]:
         """Frozen parameters and buffers (the buffers themselves, or copies)."""
@@ -288,7 +307,7 @@ class Objective:
         they call this without it)."""
         mapping = {**dict(zip(self.names, values, strict=True)), **self.frozen}
         context = contextlib.nullcontext() if update_buffers else _statistics_frozen(self.model)
-        with context:
+        with context, self.autocast():
             out = functional_call(self.model, mapping, (self.x,))
         if not isinstance(out, Tensor):
             raise TypeError(
@@ -298,4 +317,6 @@ class Objective:
 
     def loss_at(self, values: Sequence[Tensor]) -> Tensor:
         with torch.no_grad(), self.rng.replay():
-            return self.loss.value(self.call(values), self.y).detach()
+            z = self.call(values)
+            with self.exact():
+                return self.loss.value(master(z), self.y).detach()

@@ -47,6 +47,27 @@ How the products are computed (``method``)
   ``"reverse"`` (Hessian) when the model cannot be traced (data-dependent Python control
   flow, ``.item()`` in ``forward``, non-tensor outputs).
 
+Mixed precision
+---------------
+A factory called inside ``torch.autocast`` fixes that precision for the whole object: its
+forward passes (the trace, every product, :meth:`Products.loss_at`) run under autocast to
+the same dtype wherever they are later called, and a factory called outside autocast runs
+them in the model's precision even inside an autocast region (the trace cache keys on the
+precision). The loss and its output-space derivatives ``∂ℓ/∂z``, ``H_ℓ u`` are computed in
+float32 with autocast off; ``grad``, the products and the loss come back in the
+parameters' dtype (float32 master values for CG and line searches).
+
+fp16 needs loss scaling (``ggn_fn(..., loss_scale=s)``). Scaling the loss by ``s`` scales
+``∂ℓ/∂z`` and ``H_ℓ`` by ``s`` and leaves ``J`` alone, so ``G_s v = Jᵀ (s H_ℓ) J v = s G v``:
+the scale enters only the backward vectors ``s ∂ℓ/∂z`` and ``s H_ℓ J v``, whose small
+entries (``∝ 1/B``) would otherwise underflow in an fp16 backward pass, and is divided out
+of the gradient and of each product afterwards. The forward tangent ``J v`` is not scaled by
+``s`` (that could overflow it); instead each product normalises ``v`` by the power of two
+``2^e`` at its max-norm, computes ``J (2^−e v)`` and multiplies the result by ``2^e / s``.
+Every factor is a power of two when ``s`` is, so in float32 without autocast the scaled
+products and gradient are bit-identical to unscaled ones. An overflow in any backward pass
+shows as inf/NaN in the gradient or the product it produced.
+
 BatchNorm and dropout
 ---------------------
 The products are those of the function the model computes in its current mode; nothing here
@@ -68,6 +89,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -85,6 +107,7 @@ from valleys._objective import (
     output_loss,
     trainable_parameters,
 )
+from valleys._precision import binade, master, scale_tensor, scaled_seed, unit_tangent, unseed
 
 __all__ = [
     "CrossEntropy",
@@ -189,6 +212,7 @@ def _key(kind: str, obj: Objective) -> tuple:
         _signature(obj.x),
         _signature(obj.y),
         tuple(m.training for m in obj.model.modules()),
+        obj.precision,
     )
 
 
@@ -196,15 +220,15 @@ def _zeros_for(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[T
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True)]
 
 
-def _ggn_trace(obj: Objective) -> Callable:
+def _ggn_trace(obj: Objective, scaled: bool = False) -> Callable:
     n, const_names = len(obj.names), list(obj.constants(True))
+    k = 3 if scaled else 2  # x, y (and the loss scale) after the constants
 
     def fn(primals: list[Tensor], tangents: list[Tensor]):
-        ps, consts = primals[:n], primals[n:-2]
-        x, y = primals[-2], primals[-1]
+        ps, consts, (x, y, *scale) = primals[:n], primals[n:-k], primals[-k:]
         leaves = [p.detach().requires_grad_(True) for p in ps]
         with torch.enable_grad():
-            with fwAD.dual_level():
+            with fwAD.dual_level(), obj.autocast():
                 duals = [fwAD.make_dual(p, t) for p, t in zip(leaves, tangents, strict=True)]
                 mapping = {
                     **dict(zip(obj.names, duals, strict=True)),
@@ -212,12 +236,19 @@ def _ggn_trace(obj: Objective) -> Callable:
                 }
                 z, u = fwAD.unpack_dual(functional_call(obj.model, mapping, (x,)))
             zd = z.detach()
-            u = torch.zeros_like(zd) if u is None else u
-            value, dz = obj.loss.value_and_grad(zd, y)
-            w = obj.loss.hvp(zd, y, u)
+            zm = master(zd)
+            u = torch.zeros_like(zm) if u is None else master(u)
+            value, dz = obj.loss.value_and_grad(zm, y)
+            w = obj.loss.hvp(zm, y, u)
+            if scaled:  # the loss scale enters the two backward passes only (see ggn_fn)
+                w, shift = scaled_seed(w, binade(dz), scale[0])
+                dz = dz * scale[0]
             grads = torch.autograd.grad(z, leaves, dz, retain_graph=True, allow_unused=True)
             prods = torch.autograd.grad(z, leaves, w, allow_unused=True)
-        return [value, zd, *_zeros_for(grads, ps)], _zeros_for(prods, ps)
+        grads, prods = _zeros_for(grads, ps), _zeros_for(prods, ps)
+        if scaled:
+            grads, prods = [g / scale[0] for g in grads], unseed(prods, shift, scale[0])
+        return [value, zd, *grads], prods
 
     return fn
 
@@ -234,8 +265,9 @@ def _hvp_trace(obj: Objective) -> Callable:
                 **dict(zip(obj.names, leaves, strict=True)),
                 **dict(zip(const_names, consts, strict=True)),
             }
-            z = functional_call(obj.model, mapping, (x,))
-            value = obj.loss.value(z, y)
+            with obj.autocast():
+                z = functional_call(obj.model, mapping, (x,))
+            value = obj.loss.value(master(z), y)
             grads = _zeros_for(
                 torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True), ps
             )
@@ -256,18 +288,26 @@ def _hvp_trace(obj: Objective) -> Callable:
 
 
 def _traced(
-    kind: str, obj: Objective, update_buffers: bool, strict: bool, reduce: Any = None
+    kind: str,
+    obj: Objective,
+    update_buffers: bool,
+    strict: bool,
+    reduce: Any = None,
+    loss_scale: float | None = None,
 ) -> Products | None:
     """Products from the cached split trace; ``None`` if the model cannot be traced (and
-    ``strict`` is off)."""
+    ``strict`` is off). The trace holds the autocast casts of the objective's precision; it
+    is made and run with autocast off, so that an enclosing region cannot cast twice."""
     graphs = _CACHE.setdefault(obj.model, {})
-    key = _key(kind, obj)
+    scaled = loss_scale is not None
+    key = _key(f"{kind}-scaled" if scaled else kind, obj)
+    extra = [scale_tensor(loss_scale, obj.device)] if scaled else []
     if key not in graphs:
-        make = _ggn_trace if kind == "ggn" else _hvp_trace
-        examples = [*obj.values, *obj.constants(False).values(), obj.x, obj.y]
+        make = partial(_ggn_trace, scaled=scaled) if kind == "ggn" else _hvp_trace
+        examples = [*obj.values, *obj.constants(False).values(), obj.x, obj.y, *extra]
         tangents = [torch.zeros_like(v) for v in obj.values]
         try:
-            with obj.rng.preserved():
+            with obj.rng.preserved(), obj.exact():
                 graphs[key] = SplitGraph(make(obj), examples, tangents)
         except Exception as err:
             if strict:
@@ -283,23 +323,32 @@ def _traced(
     graph = graphs[key]
     if graph is None:
         return None
-    primals = [*obj.values, *obj.constants(update_buffers).values(), obj.x, obj.y]
-    with torch.no_grad(), obj.rng.first():
+    primals = [*obj.values, *obj.constants(update_buffers).values(), obj.x, obj.y, *extra]
+    with torch.no_grad(), obj.rng.first(), obj.exact():
         outputs, saved = graph.primal(primals)
     n = len(obj.values)
     loss, z, grad = outputs[0], outputs[1], outputs[2 : 2 + n]
 
     def product(v: list[Tensor]) -> list[Tensor]:
-        return graph.tangent(saved, v)
+        with obj.exact():
+            return graph.tangent(saved, v)
 
-    return Products(obj, loss, grad, z, product, "traced", reduce)
+    return Products(
+        obj, loss, grad, z, unit_tangent(product) if scaled else product, "traced", reduce
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # eager products
 
 
-def _ggn_eager(obj: Objective, method: str, update_buffers: bool, reduce: Any = None) -> Products:
+def _ggn_eager(
+    obj: Objective,
+    method: str,
+    update_buffers: bool,
+    reduce: Any = None,
+    loss_scale: float | None = None,
+) -> Products:
     values = tuple(obj.values)
 
     def f(*ps: Tensor) -> Tensor:
@@ -311,9 +360,16 @@ def _ggn_eager(obj: Objective, method: str, update_buffers: bool, reduce: Any = 
         with torch.no_grad(), obj.rng.replay():
             obj.call(values, update_buffers=True)
     z = z.detach()
-    value, dz = obj.loss.value_and_grad(z, obj.y)
+    zm = master(z)
+    with obj.exact():
+        value, dz = obj.loss.value_and_grad(zm, obj.y)
+    scale = None if loss_scale is None else scale_tensor(loss_scale, obj.device)
     with torch.no_grad():
-        grad = list(vjp_fn(dz))
+        if scale is None:
+            grad = list(vjp_fn(dz))
+        else:  # the loss scale enters the backward passes only (see ggn_fn)
+            like = binade(dz)
+            grad = [g / scale for g in vjp_fn(dz * scale)]
     if method == "linearize":
         with obj.rng.replay():
             _, linear = torch.func.linearize(f, *values)
@@ -329,9 +385,16 @@ def _ggn_eager(obj: Objective, method: str, update_buffers: bool, reduce: Any = 
                 return torch.func.jvp(f, values, tuple(v))[1]
 
     def product(v: list[Tensor]) -> list[Tensor]:
-        w = obj.loss.hvp(z, obj.y, tangent(v))
-        return list(vjp_fn(w))
+        u = master(tangent(v))
+        with obj.exact():
+            w = obj.loss.hvp(zm, obj.y, u)
+            if scale is None:
+                return list(vjp_fn(w))
+            w, shift = scaled_seed(w, like, scale)
+            return unseed(vjp_fn(w), shift, scale)
 
+    if scale is not None:
+        product = unit_tangent(product)
     return Products(obj, value.detach(), grad, z, product, method, reduce)
 
 
@@ -340,7 +403,7 @@ def _hvp_eager(obj: Objective, update_buffers: bool, reduce: Any = None) -> Prod
     leaves = [v.detach().requires_grad_(True) for v in values]
     with torch.enable_grad(), obj.rng.first():
         z = obj.call(leaves, update_buffers=update_buffers)
-        value = obj.loss.value(z, obj.y)
+        value = obj.loss.value(master(z), obj.y)
         grads = _zeros_for(
             torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True), values
         )
@@ -384,6 +447,7 @@ def ggn_fn(
     method: str = "auto",
     update_buffers: bool = False,
     reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
+    loss_scale: float | None = None,
 ) -> Products:
     r"""The GGN products ``v ↦ Jᵀ H_ℓ J v`` of ``loss(model(inputs), targets)`` at ``params``.
 
@@ -395,15 +459,28 @@ def ggn_fn(
     over processes holding parts of the batch (see :class:`Products`). The call costs one
     forward and one backward pass (loss and gradient come with it); each product about one
     more gradient's worth with ``"traced"``.
+
+    ``loss_scale`` (fp16, see "Mixed precision" in the module docstring): the backward passes
+    carry ``s·∂ℓ/∂z`` and ``s·H_ℓ J v``; ``grad`` and the products come back divided by
+    ``s``, with inf/NaN wherever a pass overflowed (the caller checks).
     """
     check.choice("method", method, GGN_METHODS)
     obj = Objective(model, loss, inputs, targets, params)
+    if loss_scale is not None:
+        check.positive("loss_scale", loss_scale)
     if method in ("auto", "traced"):
-        out = _traced("ggn", obj, update_buffers, strict=method == "traced", reduce=reduce)
+        out = _traced(
+            "ggn",
+            obj,
+            update_buffers,
+            strict=method == "traced",
+            reduce=reduce,
+            loss_scale=loss_scale,
+        )
         if out is not None:
             return out
         method = "jvp"
-    return _ggn_eager(obj, method, update_buffers, reduce)
+    return _ggn_eager(obj, method, update_buffers, reduce, loss_scale)
 
 
 def hvp_fn(

@@ -11,7 +11,9 @@ from :func:`valleys.linalg.cg`; the pure functions :func:`scheduled_damping` and
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,6 +91,19 @@ def _validated(hp: dict[str, Any]) -> dict[str, Any]:
 
 def _finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
+
+
+class _Checked:
+    """A GGN product that records in ``overflow`` (a 0-d bool tensor, no host sync) whether
+    any result held inf/NaN."""
+
+    def __init__(self, prod: curvature.Products, overflow: Tensor) -> None:
+        self.prod, self.overflow = prod, overflow
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        out = self.prod(v)
+        self.overflow = self.overflow | ~torch.isfinite(linalg.norm(out, math.inf))
+        return out
 
 
 class SGN(torch.optim.Optimizer):
@@ -171,6 +186,27 @@ class SGN(torch.optim.Optimizer):
     every process runs the same global CG on the global batch's GGN and takes the same step.
     A sharded model (FSDP) is refused: CG and the products act on full parameter vectors.
 
+    **Mixed precision.** ``step(..., autocast=ctx)`` (a callable returning a context manager,
+    e.g. ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``; or the closure's
+    ``autocast``, or an autocast region around the call) runs every forward pass of the step
+    (gradient, GGN products, trial losses) under autocast; the loss and its output-space
+    derivatives are computed in float32, and g, m̂, CG's vectors, Δ and the losses compared
+    by the line search and trust region are float32 master values (the parameters' dtype).
+    ``step(..., scaler=s)`` (an object with a ``scale`` attribute such as
+    ``valleys.train.LossScaler``, or the closure's ``scaler``) adds fp16 loss scaling: the
+    gradient's and each GGN product's backward pass carry the scale (``Jᵀ(sH_ℓ)Jv = sGv``:
+    the scale enters through H_ℓ only, see :mod:`valleys.curvature`), which is divided out
+    again. If the gradient or any product holds inf/NaN, the step is skipped as a whole —
+    θ, momentum, ρ and t stay as they were — ``found_inf`` is True (and the closure's
+    ``found_inf`` is set), and the caller updates the scale (``scaler.update(opt.found_inf)``;
+    the training loop does). A trial loss is a forward pass only, untouched by the scale: a
+    non-finite trial loss is no overflow to skip for but a failed trial point, which the line
+    search backtracks from and the trust region counts as no decrease, as in full precision.
+
+    **Compiled models.** Given ``torch.compile(model)``, SGN works on the module inside it
+    (the same parameters): its passes are one traced graph per model already
+    (:mod:`valleys.curvature`), which cannot be made through a dynamo-optimized module.
+
     **Statistics.** :meth:`stats` (see there).
 
     Example::
@@ -222,12 +258,16 @@ class SGN(torch.optim.Optimizer):
                 "SGN cannot run on a sharded (FSDP) model: its CG and GGN products act on the "
                 "full parameter vector; replicate the model on every process (data parallel)",
             )
-        self.model = model
+        # torch.compile's wrapper: SGN's passes are its own traced graph of the plain module
+        # (a dynamo-optimized module cannot be traced and would fall back to eager products)
+        plain = getattr(model, "_orig_mod", None)
+        self.model = plain if isinstance(plain, nn.Module) else model
         self.loss = curvature.output_loss(loss_fn)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
         defaults = _validated(dict(locals()))  # every argument from lr on
         self._last_stats: dict[str, Tensor | float] = {}
+        self.found_inf = False  # the last step overflowed under loss scaling and was skipped
         super().__init__([p for _, p in named], defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -248,18 +288,30 @@ class SGN(torch.optim.Optimizer):
         * ``ls_iters`` — backtracks; ``tr_ratio`` — actual/predicted decrease (trust region
           on; NaN when undefined);
         * ``passes`` — passes over the batch: 1 (gradient) + CG products + trial losses;
-        * ``rejected`` — 1 if θ was left unchanged.
+        * ``rejected`` — 1 if θ was left unchanged; ``skipped`` — 1 if the step was skipped
+          because a pass overflowed under loss scaling (then only ``damping``, ``alpha``,
+          ``cg_iters`` (products made), ``passes`` and these two).
         """
         return {k: float(v) for k, v in self._last_stats.items()}
 
     @torch.no_grad()
-    def step(self, inputs: Any = None, targets: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        inputs: Any = None,
+        targets: Tensor | None = None,
+        *,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        scaler: Any = None,
+    ) -> Tensor:
         """One SGN step on the batch ``(inputs, targets)`` (or ``closure.batch()``); returns
-        the loss before the step."""
+        the loss before the step. ``autocast`` and ``scaler``: see "Mixed precision" in the
+        class docstring (a closure's ``autocast`` and ``scaler`` are used when not given)."""
         closure = None
         if targets is None and callable(getattr(inputs, "batch", None)):
             closure = inputs
             inputs, targets = closure.batch()
+            autocast = autocast or getattr(closure, "autocast", None)
+            scaler = scaler if scaler is not None else getattr(closure, "scaler", None)
         if inputs is None or targets is None:
             raise TypeError(
                 "SGN.step needs the mini-batch: opt.step(inputs, targets), or a closure with a "
@@ -272,17 +324,26 @@ class SGN(torch.optim.Optimizer):
         rho_adaptive = float(gstate.get("damping", group["damping"]))
         faithful = group["faithful"]
 
-        prod = curvature.ggn_fn(
-            self.model,
-            self.loss,
-            inputs,
-            targets,
-            params=dict(zip(self._names, params, strict=True)),
-            method=self.curvature_method,
-            update_buffers=True,
-            reduce=self._reducer(closure),
-        )
+        self.found_inf = False
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            prod = curvature.ggn_fn(
+                self.model,
+                self.loss,
+                inputs,
+                targets,
+                params=dict(zip(self._names, params, strict=True)),
+                method=self.curvature_method,
+                update_buffers=True,
+                reduce=self._reducer(closure),
+                loss_scale=None if scaler is None else float(scaler.scale),
+            )
         loss0, grad = prod.loss, prod.grad
+        matvec: Any = prod
+        if scaler is not None:  # fp16: a pass that overflowed skips the step
+            overflow = ~torch.isfinite(linalg.norm([loss0.reshape(1), *grad], math.inf))
+            if bool(overflow):
+                return self._skip(closure, loss0, rho_adaptive, 0)
+            matvec = _Checked(prod, overflow)
         mhat = self._momentum(params, grad, group["momentum"], t)
 
         if group["trust_region"]:
@@ -309,7 +370,7 @@ class SGN(torch.optim.Optimizer):
             torch._foreach_pow_(precond, -group["precond_exponent"])
             workspace.append(y)
         res = linalg.cg(
-            prod,
+            matvec,
             b,
             max_iters=kmax,
             tol=group["cg_tol"],
@@ -319,6 +380,9 @@ class SGN(torch.optim.Optimizer):
             check_every=self.cg_check_every,
             workspace=workspace,
         )
+        if scaler is not None and bool(matvec.overflow):
+            return self._skip(closure, loss0, rho_adaptive, res.iters)
+        self._commit_momentum(params, grad, group["momentum"])
         delta: list[Tensor] = res.x  # type: ignore[assignment]
         # b is free once CG has copied it: it holds the trial points
         outcome = self._apply(prod, params, grad, mhat, delta, res.residual, rho, group, b)
@@ -331,6 +395,7 @@ class SGN(torch.optim.Optimizer):
             "ls_iters": outcome["ls_iters"],
             "passes": 1 + res.iters + outcome["evals"],
             "rejected": float(outcome["rejected"]),
+            "skipped": 0.0,
         }
         if group["trust_region"]:
             ratio = outcome["ratio"]
@@ -357,10 +422,47 @@ class SGN(torch.optim.Optimizer):
             return closure.reduce
         return distributed.mean_reducer()
 
+    def _skip(self, closure: Any, loss0: Tensor, rho: float, products: int) -> Tensor:
+        """End a step whose gradient or a GGN product overflowed under loss scaling: θ, the
+        momentum and the state stay as they were; ``found_inf`` tells the caller."""
+        self.found_inf = True
+        passes = 1 + products
+        self._last_stats = {
+            "damping": rho,
+            "alpha": 0.0,
+            "cg_iters": products,
+            "passes": passes,
+            "rejected": 1.0,
+            "skipped": 1.0,
+        }
+        if closure is not None and hasattr(closure, "found_inf"):
+            flag = torch.ones((), dtype=torch.bool, device=loss0.device)
+            closure.found_inf = flag if closure.found_inf is None else closure.found_inf | flag
+        add_passes = getattr(closure, "add_passes", None)
+        if callable(add_passes):
+            add_passes(passes)
+        return loss0
+
     def _momentum(self, params: list[Tensor], grad: list[Tensor], beta: float, t: int):
-        """m̂: the bias-corrected EMA of the gradients (the gradient itself when β = 0)."""
+        """m̂: the bias-corrected EMA of the gradients (the gradient itself when β = 0),
+        computed without storing the new m (:meth:`_commit_momentum` does, once the step
+        cannot be skipped any more)."""
         if beta == 0:
             return grad
+        (mhat,) = self._buffers(params, "mhat")
+        if "momentum_buffer" in self.state[params[0]]:
+            torch._foreach_copy_(mhat, [self.state[p]["momentum_buffer"] for p in params])
+        else:
+            torch._foreach_zero_(mhat)
+        torch._foreach_mul_(mhat, beta)
+        torch._foreach_add_(mhat, grad, alpha=1.0 - beta)
+        torch._foreach_div_(mhat, 1.0 - beta**t)
+        return mhat
+
+    def _commit_momentum(self, params: list[Tensor], grad: list[Tensor], beta: float) -> None:
+        """m ← β m + (1 − β) g in the state (the same operations as :meth:`_momentum`)."""
+        if beta == 0:
+            return
         bufs = []
         for p in params:
             state = self.state[p]
@@ -369,10 +471,6 @@ class SGN(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_mul_(bufs, beta)
         torch._foreach_add_(bufs, grad, alpha=1.0 - beta)
-        (mhat,) = self._buffers(params, "mhat")
-        torch._foreach_copy_(mhat, bufs)
-        torch._foreach_div_(mhat, 1.0 - beta**t)
-        return mhat
 
     def _buffers(self, params: list[Tensor], *names: str) -> list[list[Tensor]]:
         """Parameter-shaped storage kept between steps (scratch, not state): on a CPU, fresh

@@ -615,13 +615,6 @@ def validate(cfg: Config) -> Config:
     cfg.optim.hparams = _check_kwargs(
         f"hyperparameter of optimizer {cfg.optim.name!r}", "optim", cfg.optim.hparams, accepted
     )
-    if ospec.takes_model and (r.amp not in (None, False) or r.compile):
-        key, value = ("run.compile", r.compile) if r.compile else ("run.amp", r.amp)
-        raise ValueError(
-            f"Invalid {key}: {value!r} (optimizer {cfg.optim.name!r} runs the model through its "
-            "own traced passes in the model's precision: leave run.amp and run.compile unset)"
-        )
-
     s = cfg.schedule
     check.choice("schedule.progress", s.progress, PROGRESS_MODES)
     accepted = _schedule_kwargs(s.name)
