@@ -58,15 +58,16 @@ float32 with autocast off; ``grad``, the products and the loss come back in the
 parameters' dtype (float32 master values for CG and line searches).
 
 fp16 needs loss scaling (``ggn_fn(..., loss_scale=s)``). Scaling the loss by ``s`` scales
-``∂ℓ/∂z`` and ``H_ℓ`` by ``s`` and leaves ``J`` alone, so ``G_s v = Jᵀ (s H_ℓ) J v = s G v``:
-the scale enters only the backward vectors ``s ∂ℓ/∂z`` and ``s H_ℓ J v``, whose small
-entries (``∝ 1/B``) would otherwise underflow in an fp16 backward pass, and is divided out
-of the gradient and of each product afterwards. The forward tangent ``J v`` is not scaled by
-``s`` (that could overflow it); instead each product normalises ``v`` by the power of two
-``2^e`` at its max-norm, computes ``J (2^−e v)`` and multiplies the result by ``2^e / s``.
-Every factor is a power of two when ``s`` is, so in float32 without autocast the scaled
-products and gradient are bit-identical to unscaled ones. An overflow in any backward pass
-shows as inf/NaN in the gradient or the product it produced.
+``∂ℓ/∂z`` and ``H_ℓ`` by ``s`` and leaves ``J`` alone: ``Jᵀ (s H_ℓ) J v = s G v``, linear in
+``s`` only through ``H_ℓ``. So the scale enters the backward vectors alone, ``s ∂ℓ/∂z`` and
+``s w`` with ``w = H_ℓ J v`` (entries ``∝ 1/B`` that an fp16 backward pass would flush to
+zero), never the forward tangent ``J v`` (which it could overflow). As ``w``'s size depends
+on ``v``, it is first moved by a power of two into the binade of ``∂ℓ/∂z``, so that one
+scale, tuned by the caller on overflows, suits the gradient and every product; ``v`` is
+likewise moved so that its max-norm lies in [1/2, 1) before the tangent pass. The shifts and
+``s`` are divided out of the results: with a power-of-two ``s`` nothing is rounded beyond
+the unscaled computation (float32 without autocast: bit-identical). An overflow shows as
+inf/NaN in the gradient or the product whose pass overflowed; the caller checks.
 
 BatchNorm and dropout
 ---------------------

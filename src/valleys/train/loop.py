@@ -39,8 +39,20 @@ loss by the scale, backpropagates, divides the gradients by it and records wheth
 inf/NaN, inside *every* call. A single-pass optimizer then steps only if the gradients are
 finite. A multi-pass optimizer (Entropy-SGD) has already moved the weights inside its step, so
 the loop snapshots weights and optimizer state before the step and restores them when any call
-of the step produced non-finite gradients: the step is skipped as a whole. Either way the scale
-is halved on a skipped step and doubled after 2000 finite ones (torch's GradScaler defaults).
+of the step produced non-finite gradients: the step is skipped as a whole. SGN computes its
+passes itself, under the closure's ``autocast`` and with its ``scaler`` (the loss scale enters
+the backward passes of its gradient and GGN products; see :class:`valleys.optim.SGN`), and
+skips a step whose gradient or any CG product overflowed by itself, setting the closure's
+``found_inf``. Either way the scale is halved on a skipped step and doubled after 2000 finite
+ones (torch's GradScaler defaults).
+
+Compilation
+-----------
+``run.compile=true`` trains through ``torch.compile(model)``; evaluation, EMA and checkpoints
+use the plain module (its weights are the compiled one's), so checkpoints hold plain keys.
+SGN is built from the plain module: its passes are its own traced graph of the model
+(:mod:`valleys.curvature`), which cannot be traced through a dynamo-optimized module, so
+compilation leaves SGN's steps as they are.
 """
 
 from __future__ import annotations
@@ -310,7 +322,7 @@ class Trainer:
             self.train_model = torch.compile(self.model, backend=r.compile_backend)
         spec = optim_registry.spec(cfg.optim.name)
         hparams = dict(cfg.optim.hparams)  # the user's values (validated), not the resolved
-        if spec.takes_model:  # SGN: the model and the task's loss, uncompiled, in full precision
+        if spec.takes_model:  # SGN: the plain model and the task's loss (see "Compilation")
             hparams["loss_fn"] = LOSS_NAMES[self.task]
             self.optimizer = optim_registry.get(cfg.optim.name, self.model, **hparams)
         else:
