@@ -26,11 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check . && $(BIN)/ruff format --check src tests benchmarks examples
 
 # Every benchmark script in benchmarks/, one after the other, each with the arguments that
 # benchmarks/RESULTS.md records for it (BENCH_ARGS_<script name>; none for most).
