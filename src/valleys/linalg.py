@@ -30,6 +30,7 @@ __all__ = [
     "axpy",
     "cg",
     "clone",
+    "copy_",
     "dense",
     "dot",
     "from_vector",
@@ -43,6 +44,17 @@ __all__ = [
 
 Vector = Sequence[Tensor]
 Matvec = Callable[[Sequence[Tensor]], Sequence[Tensor]]
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst_i ← src_i`` in place, by one ``torch._foreach_copy_``; tensors that it refuses
+    (the DTensors of an FSDP2-sharded model: torch registers no sharding rule for it) are
+    copied one by one."""
+    try:
+        torch._foreach_copy_(dst, src)
+    except NotImplementedError:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ def jobs(root: Path) -> list[dict[str, Any]]:
     timed = [*optimizer_overrides("sgd"), "run.max_steps=null", "run.max_seconds=0.5"]
     out.append({"name": "timed", "overrides": timed})
     out.append({"name": "landscape", "landscape": True})
+    out.append({"name": "fsdp", "fsdp": True})
     # the command line's train (valleys.cli.main, as `torchrun -m valleys train` runs it)
     cli = ["train", *optimizer_overrides("adam"), "run.max_steps=2"]
     out.append({"name": "cli", "argv": cli})
@@ -110,6 +111,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in this process (one rank of several, or alone); returns what to compare."""
     if job.get("landscape"):
         return landscape_values()
+    if job.get("fsdp"):
+        return fsdp_values()
     if "argv" in job:
         return run_cli([*job["argv"], f"run.dir={job['dir']}"])
     ds = digits(job.get("images", False))
@@ -166,6 +169,70 @@ def landscape_values() -> dict[str, Any]:
         "top": torch.as_tensor(top.eigenvalues),
         "sharpness": torch.as_tensor(sharp.sharpness),
     }
+
+
+def fsdp_values() -> dict[str, Any]:
+    """Each registry optimizer on an FSDP2-sharded float64 MLP (``fully_shard`` per layer),
+    3 steps with each rank on half of a global batch, against the same steps of the
+    replicated model on the whole batch (Entropy-SGD without noise: DTensor draws its own).
+    Returns ``{name: max |difference|}``, or the error message of what refuses it."""
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    from valleys.landscape.common import full_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    rows = distributed.shard_rows(64)
+    hparams = {"entropy_sgd": {"langevin_steps": 2, "noise": 0.0}, "sam": {"lr": 0.1}}
+
+    def mlp() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        ).double()
+
+    out: dict[str, Any] = {}
+    for name in [*optim_registry.names(), "landscape"]:
+        sharded, whole = mlp(), mlp()
+        for layer in (sharded[0], sharded[2]):
+            fully_shard(layer)
+        fully_shard(sharded)
+        try:
+            if name == "landscape":
+                full_loss(sharded, F.cross_entropy, [(x, y)])
+                continue
+            if optim_registry.spec(name).takes_model:
+                optim_registry.get(name, sharded, loss_fn="cross_entropy")
+                continue
+            opts = [
+                optim_registry.get(name, m.parameters(), **hparams.get(name, {}))
+                for m in (sharded, whole)
+            ]
+        except ValueError as err:
+            out[name] = str(err)
+            continue
+        batches = ((x[rows], y[rows]), (x, y))
+        for opt, model, (xb, yb) in zip(opts, (sharded, whole), batches, strict=True):
+
+            def closure(opt=opt, model=model, xb=xb, yb=yb) -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            for _ in range(3):
+                if optim_registry.spec(name).needs_closure:
+                    opt.step(closure)
+                else:
+                    closure()
+                    opt.step()
+        out[name] = max(
+            float((p.full_tensor() - q).abs().max())
+            for p, q in zip(sharded.parameters(), whole.parameters(), strict=True)
+        )
+    return out
 
 
 def main(spec_path: str) -> None:

@@ -2,7 +2,8 @@
 
 One launch of ``tests/train/ddpkit.py`` under ``torch.distributed.run`` trains every optimizer
 of the registry for a few steps, an uneven and augmented run, a run stopped and resumed, a run
-under a time budget, the command line's train, and computes landscape quantities; this process
+under a time budget, the command line's train, computes landscape quantities and steps every
+optimizer on an FSDP2-sharded model; this process
 runs the same jobs alone (the same configuration: ``data.batch_size`` is the global batch) and
 compares. Float64 models: the two differ by the order of floating-point sums only (measured
 ≲1e-10 on the parameters; the tolerance is the issue's 1e-5).
@@ -77,7 +78,7 @@ def ddp(tmp_path_factory) -> Path:
 def single(tmp_path_factory) -> dict[str, dict]:
     """The same jobs in this process, by name (the resumed pair and the time budget aside)."""
     root = tmp_path_factory.mktemp("single")
-    skip = ("part", "rest", "timed")
+    skip = ("part", "rest", "timed", "fsdp")
     return {j["name"]: run_job(j) for j in jobs(root / "runs") if j["name"] not in skip}
 
 
@@ -194,6 +195,19 @@ def test_landscape_reduces_over_ranks(ddp, single):
     for key in ("grad", "hv"):
         for a, b in zip(rank0[key], alone[key], strict=True):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), key
+
+
+def test_fsdp_sharded_models(ddp):
+    """FSDP2 (``fully_shard``): every first-order optimizer of the registry follows the
+    replicated run; SGN and the landscape diagnostics refuse a sharded model in one line."""
+    rank0, rank1 = ranks(ddp, "fsdp")
+    assert rank0.keys() == rank1.keys() == {*optim_registry.names(), "landscape"}
+    for name in optim_registry.names():
+        if optim_registry.spec(name).takes_model:
+            assert rank0[name].startswith("Invalid model: 'FSDPSequential' (SGN cannot run on")
+        else:
+            assert rank0[name] < TOL, name
+    assert "a sharded (FSDP) model" in rank0["landscape"]
 
 
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path):

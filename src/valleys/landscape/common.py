@@ -115,7 +115,9 @@ def local_pass(source: Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; afterwards every module's training flag is what it was."""
+    """Put ``model`` in eval mode; afterwards every module's training flag is what it was.
+    A sharded (FSDP) model is refused (see :func:`trainable_parameters`)."""
+    _refuse_sharded(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -143,6 +145,11 @@ def trainable_parameters(
             chosen[by_id[id(p)]] = p
     if not chosen:
         check.fail("params", "none", "the model has no parameters to act on")
+    _refuse_sharded(model)
+    return chosen
+
+
+def _refuse_sharded(model: nn.Module) -> None:
     if distributed.is_sharded(model):
         check.fail(
             "model",
@@ -150,7 +157,6 @@ def trainable_parameters(
             "a sharded (FSDP) model: the diagnostics act on full parameter vectors; load the "
             "weights into an unsharded model (every rank may hold one and share the batches)",
         )
-    return chosen
 
 
 def offset_parameters(

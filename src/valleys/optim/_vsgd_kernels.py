@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from valleys import linalg
+
 # The original adds this to the doubled Gamma shape 2a = 2γ + 1 so that 2a − 1 > 0 at t = 1.
 _SHAPE_OFFSET = 1e-4
 
@@ -175,7 +177,7 @@ def _foreach_lists(
     torch._foreach_addcmul_(a, b, b)  # bhg'
     torch._foreach_lerp_(bhgs, a, rho2)
     del a, b
-    torch._foreach_copy_(mugs, m)
+    linalg.copy_(mugs, m)
     torch._foreach_sqrt_(e)
     torch._foreach_add_(e, c.eps)
     torch._foreach_addcdiv_(ps, m, e, value=-c.lr)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from valleys import _validate as check
+from valleys import linalg
 from valleys.schedules import scope as scope_schedule
 
 __all__ = ["VARIANTS", "EntropySGD", "langevin_update", "sgd_update"]
@@ -565,7 +566,7 @@ class EntropySGD(torch.optim.Optimizer):
         for item in gathered:
             hp = item["group"]
             drift = list(torch._foreach_sub(item["anchors"], item["means"]))  # x − μ
-            torch._foreach_copy_(item["params"], item["anchors"])
+            linalg.copy_(item["params"], item["anchors"])
             if hp["variant"] == "paper":  # x ← x − η (x − μ): plain SGD without extras
                 hp = {**hp, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
             self._sgd(item, drift, hp)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from valleys import _validate as check
+from valleys import linalg
 
 __all__ = ["SAM", "perturbation"]
 
@@ -276,7 +277,7 @@ class SAM(torch.optim.Optimizer):
         self.zero_grad(set_to_none=False)
         perturbed = self._call(closure).detach()
         for params, saved, _ in moved:
-            torch._foreach_copy_(params, saved)  # w exactly, not (w + ε̂) − ε̂
+            linalg.copy_(params, saved)  # w exactly, not (w + ε̂) − ε̂
         self.base_optimizer.step()
         device = norms[0].device
         first = loss.detach()
