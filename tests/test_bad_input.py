@@ -609,6 +609,12 @@ CLI = [
         2,
         r"Invalid run\.amp: 'bf61' \(expected one of 'bf16', 'fp16'; did you mean 'bf16'\?",
     ),
+    Row(
+        "cli-misspelt-compile-backend",
+        _train("run.compile=true", "run.compile_backend=indcutor"),
+        2,
+        r"Invalid run\.compile_backend: 'indcutor' \(expected one of .*did you mean 'inductor'\?",
+    ),
     # overrides and YAML
     Row(
         "cli-override-without-value",

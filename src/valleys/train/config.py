@@ -583,6 +583,16 @@ def _schedule_kwargs(name: str) -> dict[str, Any]:
     return accepted
 
 
+def _check_compile_backend(name: Any) -> None:
+    """A backend torch.compile knows (the list needs torch._dynamo: only with run.compile)."""
+    import torch
+
+    every = torch.compiler.list_backends(exclude_tags=())
+    if name not in every:
+        usual = sorted(set(torch.compiler.list_backends()) | ({"eager", "aot_eager"} & set(every)))
+        check.choice("run.compile_backend", name, usual)
+
+
 def validate(cfg: Config) -> Config:
     """Check every name against its registry and every key against the signature it feeds,
     without loading data or building anything large. Returns ``cfg`` with the flattened
@@ -675,6 +685,9 @@ def validate(cfg: Config) -> Config:
         r.amp = None
     if r.amp is not None:
         check.choice("run.amp", r.amp, AMP_MODES)
+    r.compile = check.flag("run.compile", r.compile)
+    if r.compile:
+        _check_compile_backend(r.compile_backend)
     if r.device != "auto" and not re.match(r"^(cpu|cuda|mps)(:\d+)?$", r.device):
         check.fail("run.device", r.device, "expected auto, cpu, cuda or cuda:<index>")
     if r.resume and not r.dir:
