@@ -484,7 +484,7 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "stream": self.stream.state_dict(),
-            "rng": ckpt.get_rng_state(),
+            "rng": parallel.rng_state(self.device),
             "log": {
                 "loss_sum": self._loss_sum.detach().cpu(),
                 "loss_count": self._loss_count,
@@ -825,7 +825,7 @@ class Trainer:
         self._open()
         try:
             if self._resumed:
-                ckpt.set_rng_state(self._rng)
+                parallel.set_rng_state(self._rng, self.device)
             return self._loop()
         finally:
             self._close()

@@ -13,6 +13,8 @@ single-process run with the same configuration. What this module adds to the loo
 * :func:`average_buffers_` — BatchNorm running statistics (computed by each process on its
   part of the batches) averaged before evaluations and checkpoints; being running means,
   their average is what averaging at every step would give;
+* :func:`rng_state` / :func:`set_rng_state` — the global generators with the training
+  device's CUDA generator apart, restored into each rank's own device;
 * :class:`NullLog` — the metrics log of the processes other than rank 0, which write nothing.
 """
 
@@ -26,9 +28,17 @@ import torch
 from torch import nn
 
 from valleys import distributed
+from valleys.train import checkpoint as ckpt
 from valleys.train import config as C
 
-__all__ = ["NullLog", "average_buffers_", "check_batches", "evaluate"]
+__all__ = [
+    "NullLog",
+    "average_buffers_",
+    "check_batches",
+    "evaluate",
+    "rng_state",
+    "set_rng_state",
+]
 
 
 class NullLog:
@@ -115,3 +125,21 @@ def evaluate(
         return {"loss": loss_sum / n_all, "accuracy": correct / n_all}
     mse = loss_sum / entries_all
     return {"loss": mse, "mse": mse}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """:func:`valleys.train.checkpoint.get_rng_state`, plus (``"device"``) the generator of
+    the training device when it is a GPU."""
+    state = ckpt.get_rng_state()
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`'s generators; the saved training device's generator goes to
+    ``device``, so that every rank (rank r on ``cuda:r``) continues rank 0's stream — they were
+    equal, all seeded alike — and a run resumed on another GPU continues its own."""
+    ckpt.set_rng_state(state)
+    if device.type == "cuda" and "device" in state:
+        torch.cuda.set_rng_state(state["device"], device)
