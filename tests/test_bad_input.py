@@ -563,6 +563,14 @@ if "sgn" in optim.names():
             ValueError,
             r"Invalid params for optimizer 'sgn': it is built from the model",
         ),
+        Row(
+            "sgn-torch-gradscaler",
+            lambda _: optim.get("sgn", nn.Linear(3, 2), loss_fn="cross_entropy").step(
+                torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), scaler=torch.amp.GradScaler("cpu")
+            ),
+            ValueError,
+            r"Invalid scaler: 'GradScaler' \(SGN scales its own passes: .*LossScaler",
+        ),
     ]
 
 CLI = [

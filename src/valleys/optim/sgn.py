@@ -325,6 +325,13 @@ class SGN(torch.optim.Optimizer):
         faithful = group["faithful"]
 
         self.found_inf = False
+        if scaler is not None and not isinstance(getattr(scaler, "scale", None), (int, float)):
+            check.fail(
+                "scaler",
+                type(scaler).__name__,
+                "SGN scales its own passes: pass an object with a numeric `scale` attribute "
+                "such as valleys.train.loop.LossScaler (torch's GradScaler cannot reach them)",
+            )
         with autocast() if autocast is not None else contextlib.nullcontext():
             prod = curvature.ggn_fn(
                 self.model,
@@ -335,7 +342,7 @@ class SGN(torch.optim.Optimizer):
                 method=self.curvature_method,
                 update_buffers=True,
                 reduce=self._reducer(closure),
-                loss_scale=None if scaler is None else float(scaler.scale),
+                loss_scale=None if scaler is None else scaler.scale,
             )
         loss0, grad = prod.loss, prod.grad
         matvec: Any = prod
