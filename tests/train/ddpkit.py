@@ -85,6 +85,9 @@ def jobs(root: Path) -> list[dict[str, Any]]:
     # a time budget: rank 0's clock decides for every rank
     timed = [*optimizer_overrides("sgd"), "run.max_steps=null", "run.max_seconds=0.5"]
     out.append({"name": "timed", "overrides": timed})
+    # a directory that already holds a run: rank 0 finds out, every rank raises its error
+    taken = [*optimizer_overrides("sgd"), "run.max_steps=1"]
+    out.append({"name": "taken", "dir": "sgd", "overrides": taken, "expect_error": True})
     out.append({"name": "landscape", "landscape": True})
     out.append({"name": "fsdp", "fsdp": True})
     # the command line's train (valleys.cli.main, as `torchrun -m valleys train` runs it)
@@ -118,6 +121,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ds = digits(job.get("images", False))
     model = model_for(ds)
     cfg = C.load([], [*job["overrides"], f"run.dir={job['dir']}"])
+    if job.get("expect_error"):
+        try:
+            train(cfg, dataset=ds, model=model)
+        except ValueError as err:
+            return {"error": str(err)}
+        return {"error": None}
     result = train(cfg, dataset=ds, model=model)
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -159,6 +168,9 @@ def landscape_values() -> dict[str, Any]:
     hv = HessianOperator(model, loss_fn, batches)(v)
     top = top_eigen(model, loss_fn, batches, k=1, tol=1e-8, seed=0)
     sharp = keskar_sharpness(model, loss_fn, batches, epsilon=1e-3, steps=3, objective="full")
+    one = [(ds.x_test[:50], ds.y_test[:50])]  # fewer batches than ranks: rank 1 adds zeros
+    alone = full_loss(model, loss_fn, one).loss
+    hv_one = HessianOperator(model, loss_fn, one)(v)
     return {
         "loss": value.loss,
         "accuracy": value.accuracy,
@@ -168,6 +180,8 @@ def landscape_values() -> dict[str, Any]:
         "hv": hv,
         "top": torch.as_tensor(top.eigenvalues),
         "sharpness": torch.as_tensor(sharp.sharpness),
+        "loss_one_batch": alone,
+        "hv_one_batch": hv_one,
     }
 
 

@@ -78,7 +78,7 @@ def ddp(tmp_path_factory) -> Path:
 def single(tmp_path_factory) -> dict[str, dict]:
     """The same jobs in this process, by name (the resumed pair and the time budget aside)."""
     root = tmp_path_factory.mktemp("single")
-    skip = ("part", "rest", "timed", "fsdp")
+    skip = ("part", "rest", "timed", "fsdp", "taken")
     return {j["name"]: run_job(j) for j in jobs(root / "runs") if j["name"] not in skip}
 
 
@@ -177,6 +177,14 @@ def test_resume_in_one_process_from_a_two_process_checkpoint(ddp, tmp_path):
     assert max_diff(full, dict(model.named_parameters())) < TOL
 
 
+def test_an_error_found_by_rank_0_is_raised_on_every_rank(ddp):
+    """Rank 0 alone checks the run directory (here: it holds a run); the others get its
+    error rather than waiting for it."""
+    rank0, rank1 = ranks(ddp, "taken")
+    assert rank0["error"] == rank1["error"]
+    assert rank0["error"].startswith("Run directory ") and "already holds a run" in rank0["error"]
+
+
 def test_time_budget_stops_every_rank_at_the_same_step(ddp):
     rank0, rank1 = ranks(ddp, "timed")
     assert rank0["step"] == rank1["step"] > 0
@@ -189,10 +197,10 @@ def test_landscape_reduces_over_ranks(ddp, single):
     rank0, rank1 = ranks(ddp, "landscape")
     alone = single["landscape"]
     assert rank0["count"] == alone["count"] == 360
-    for key in ("loss", "accuracy", "grad_loss", "top", "sharpness"):
+    for key in ("loss", "accuracy", "grad_loss", "top", "sharpness", "loss_one_batch"):
         assert torch.equal(rank0[key], rank1[key]), key
         assert float(rank0[key]) == pytest.approx(float(alone[key]), rel=1e-9, abs=1e-12), key
-    for key in ("grad", "hv"):
+    for key in ("grad", "hv", "hv_one_batch"):
         for a, b in zip(rank0[key], alone[key], strict=True):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), key
 
