@@ -85,6 +85,10 @@ def jobs(root: Path) -> list[dict[str, Any]]:
     # a time budget: rank 0's clock decides for every rank
     timed = [*optimizer_overrides("sgd"), "run.max_steps=null", "run.max_seconds=0.5"]
     out.append({"name": "timed", "overrides": timed})
+    # fp16 with loss scaling: every pass averaged before the inf check, one skip decision
+    for name in ("sam", "sgn"):
+        amp = [*optimizer_overrides(name), "run.amp=fp16"]
+        out.append({"name": f"fp16_{name}", "overrides": amp})
     # a directory that already holds a run: rank 0 finds out, every rank raises its error
     taken = [*optimizer_overrides("sgd"), "run.max_steps=1"]
     out.append({"name": "taken", "dir": "sgd", "overrides": taken, "expect_error": True})

@@ -103,6 +103,15 @@ def test_every_optimizer_matches_one_process(ddp, single, name):
     assert ours["test_accuracy"] == theirs["test_accuracy"]
 
 
+@pytest.mark.parametrize("name", ["fp16_sam", "fp16_sgn"])
+def test_loss_scaling_matches_one_process(ddp, single, name):
+    """run.amp=fp16 (loss scaling; the float64 model itself stays out of autocast on the
+    CPU): gradients and products averaged before unscaling, one skip decision for all."""
+    rank0, rank1 = ranks(ddp, name)
+    assert max_diff(rank0["params"], rank1["params"]) == 0
+    assert max_diff(rank0["params"], single[name]["params"]) < TOL
+
+
 def test_uneven_last_batch_and_augmentation_match_one_process(ddp, single):
     """Batches of 200 over 1437 samples without drop_last: the 8th batch (37 samples) splits
     19/18 and is weighted by each rank's share; augmentation draws those of the whole batch."""
