@@ -170,8 +170,9 @@ def make_closure(
 
     Optimizers built from the model (``OptimizerSpec.takes_model``: SGN) are driven by the
     same closure: they read the step's batch from :meth:`Closure.batch` (with
-    ``same_batch=True``), compute their passes themselves and report them through
-    :meth:`Closure.add_passes`.
+    ``same_batch=True``), compute their passes themselves under the closure's ``autocast``
+    and with its ``scaler``, report them through :meth:`Closure.add_passes`, and set
+    ``found_inf`` when one of their scaled passes overflowed.
 
     Data parallelism: ``reduce`` (e.g. :func:`valleys.distributed.mean_reducer`) averages the
     gradients and the loss of every call over the processes, after the backward pass and
