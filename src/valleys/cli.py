@@ -3,13 +3,17 @@
 Bad input ends with a one-line message on stderr and exit status 2, never a traceback; a
 training run that diverges ends with a one-line message and exit status 1.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) only ``valleys train`` runs, data-parallel (see
-``docs/distributed.md``); only rank 0 prints, and every rank exits with the same status.
+Under ``torchrun`` (``WORLD_SIZE > 1``) ``valleys train`` runs data-parallel and the landscape
+diagnostics (``hessian``, ``sharpness``, ``surface``) share out their batches (see
+``docs/distributed.md``); only rank 0 prints and writes, and every rank exits with the same
+status.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -424,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the subcommands that run under torchrun: training (data-parallel) and the landscape
+#: diagnostics (each rank evaluates its share of the batches; rank 0 writes)
+PARALLEL_COMMANDS = ("train", "hessian", "sharpness", "surface")
+
+
 def _main_rank() -> bool:
     """Whether this process prints: rank 0 of a torchrun launch, or the only process."""
     return os.environ.get("RANK", "0") in ("", "0")
@@ -446,15 +455,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     world = os.environ.get("WORLD_SIZE", "1")
-    if args.command != "train" and world not in ("", "0", "1"):
+    if args.command not in PARALLEL_COMMANDS and world not in ("", "0", "1"):
         _error(
             f"valleys {args.command}: error: runs in one process, but WORLD_SIZE={world} "
-            "(under torchrun only `valleys train` runs, data-parallel; start this one with "
+            f"(under torchrun only {', '.join(PARALLEL_COMMANDS)} run; start this one with "
             "`valleys` or `python -m valleys`)"
         )
         return 2
+    quiet = not _main_rank() and args.command != "train"  # train silences its own ranks
     try:
-        code = args.func(args)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split("\n"))
         _error(f"valleys {args.command}: error: {message}")

@@ -97,6 +97,21 @@ def jobs(root: Path) -> list[dict[str, Any]]:
     # the command line's train (valleys.cli.main, as `torchrun -m valleys train` runs it)
     cli = ["train", *optimizer_overrides("adam"), "run.max_steps=2"]
     out.append({"name": "cli", "argv": cli})
+    # the command line's landscape diagnostics on that run: 8 batches shared out to 2 ranks
+    data = ["--samples", "400", "--batch-size", "50", "--no-progress"]
+    hessian = [
+        "hessian",
+        "{dir}",
+        "--analysis",
+        "top",
+        "--analysis",
+        "trace",
+        "--trace-samples",
+        "4",
+        *data,
+    ]
+    sharp = ["sharpness", "{dir}", "--steps", "3", "--objective", "full", "--no-plots", *data]
+    out.append({"name": "cli_landscape", "dir": "cli", "argvs": [hessian, sharp]})
     for job in out:
         job["dir"] = str(root / job.get("dir", job["name"]))
     return out
@@ -122,6 +137,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return fsdp_values()
     if "argv" in job:
         return run_cli([*job["argv"], f"run.dir={job['dir']}"])
+    if "argvs" in job:  # commands on the job's run directory
+        argvs = [[a.replace("{dir}", job["dir"]) for a in argv] for argv in job["argvs"]]
+        outputs = [run_cli(argv) for argv in argvs]
+        from valleys.bench.analyze import read_records  # rank 0 wrote them
+
+        records = read_records(job["dir"]) if distributed.is_main() else None
+        return {"outputs": outputs, "records": records}
     ds = digits(job.get("images", False))
     model = model_for(ds)
     cfg = C.load([], [*job["overrides"], f"run.dir={job['dir']}"])

@@ -155,6 +155,34 @@ def test_command_line_train_prints_on_rank_0_only(ddp, single):
     assert rank1["stdout"] == rank1["stderr"] == ""
 
 
+def test_command_line_landscape_shares_batches_and_rank_0_writes(ddp, single):
+    """`torchrun -m valleys hessian|sharpness RUN`: each rank evaluates its share of the 8
+    batches; rank 0 prints and appends one record per command (plots only where asked); the
+    values are the single process's (float32 sums in another order)."""
+    from valleys.bench.analyze import read_records
+
+    rank0, rank1 = ranks(ddp, "cli_landscape")
+    for out in (*rank0["outputs"], *rank1["outputs"]):
+        assert out["code"] == 0, out["stderr"]
+    assert all(o["stdout"] == o["stderr"] == "" for o in rank1["outputs"])
+    assert rank0["outputs"][0]["stdout"].startswith("valleys hessian: ")
+    assert rank0["outputs"][1]["stdout"].startswith("valleys sharpness: ")
+    run = ddp / "runs" / "cli"
+    records = read_records(run)
+    assert records == rank0["records"]
+    assert [r["kind"] for r in records] == ["hessian", "sharpness"]
+    assert len(list((run / "plots").glob("landscape-*"))) > 0  # the Hessian's, by rank 0
+    alone = single["cli_landscape"]["records"]
+    assert [r["kind"] for r in alone] == ["hessian", "sharpness"]
+    top, top1 = records[0]["result"]["top"], alone[0]["result"]["top"]
+    assert top["eigenvalues"][0] == pytest.approx(top1["eigenvalues"][0], rel=1e-4)
+    trace, trace1 = records[0]["result"]["trace"], alone[0]["result"]["trace"]
+    assert trace["estimate"] == pytest.approx(trace1["estimate"], rel=1e-4)
+    sharp, sharp1 = records[1]["result"]["sharpness"], alone[1]["result"]["sharpness"]
+    assert sharp == pytest.approx(sharp1, rel=1e-3, abs=1e-6)
+    assert records[0]["data"]["samples"] == alone[0]["data"]["samples"] == 400
+
+
 def test_resume_under_ddp_equals_the_uninterrupted_run(ddp):
     """Stopped at step 3 by its step budget and resumed to 6 (both under 2 processes): the
     weights of the uninterrupted run and the same records."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from valleys import _validate as check
-from valleys import landscape
+from valleys import distributed, landscape
 from valleys.train.log import read_jsonl
 
 __all__ = [
@@ -102,6 +102,7 @@ def prepare(
     or the first ``samples`` (and at most ``batches × batch_size``) of a permutation drawn
     from ``seed``, kept in their original order."""
     from valleys.train import load_run
+    from valleys.train.loop import select_device
 
     split = check.choice("split", split, SPLITS)
     seed = check.count("seed", seed)
@@ -109,6 +110,8 @@ def prepare(
         samples = check.count("samples", samples, 1)
     if batches is not None:
         batches = check.count("batches", batches, 1)
+    if distributed.launched():  # under torchrun: every rank takes its share of the batches
+        device = str(distributed.init(select_device(device)))
     run = load_run(path, device=device)
     data = run.config.data
     batch_size = check.count("batch_size", batch_size or data.batch_size, 1)
@@ -169,11 +172,12 @@ class Analysis:
 
 
 class ProgressBar:
-    """A tqdm progress bar on stderr counting ``unit``s; silent when disabled."""
+    """A tqdm progress bar on stderr counting ``unit``s; silent when disabled and on every
+    rank but 0 of a process group."""
 
     def __init__(self, total: int | None, enabled: bool, unit: str):
         self.bar = None
-        if enabled:
+        if enabled and distributed.is_main():
             import sys
 
             from tqdm.auto import tqdm
@@ -213,7 +217,8 @@ def finish(
     (``time.perf_counter()``) and, with ``plots``, draw its figures through
     :func:`valleys.bench.landscape_plots.plot_record` as
     ``plots/landscape-<index>-<mode or kind>.{png,svg}``. ``result`` is plain data; ``extra``
-    adds top-level fields (``mode``). Every analysis (the Hessian's too) ends here."""
+    adds top-level fields (``mode``). Every analysis (the Hessian's too) ends here. In a
+    process group every rank holds the same result and rank 0 alone writes."""
     from valleys.bench.landscape_plots import plot_record
 
     run_dir = target.run.run_dir
@@ -231,6 +236,8 @@ def finish(
         "seconds": time.perf_counter() - started,
     }
     files: list[Path] = []
+    if not distributed.is_main():
+        return Analysis(_clean(record), files)
     if plots:
         label = extra.get("mode", kind) if extra else kind
         stem = run_dir / "plots" / f"landscape-{index:03d}-{label}"

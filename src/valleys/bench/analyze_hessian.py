@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from valleys import _validate as check
-from valleys import landscape
+from valleys import distributed, landscape
 from valleys.bench.analyze import Analysis, ProgressBar, finish, prepare, read_records
 
 __all__ = ["ANALYSES", "DEFAULT_ANALYSES", "hessian", "plot_hessian", "spectrum_summary"]
@@ -201,7 +201,8 @@ def hessian(
             ev = out.eigenvalues.numpy()
             index = len(read_records(run.run_dir)) + 1
             file = run.run_dir / f"hessian-{index:03d}-eigenvalues.npy"
-            np.save(file, ev)
+            if distributed.is_main():  # in a process group rank 0 alone writes
+                np.save(file, ev)
             result["dense"] = {
                 **spectrum_summary(ev),
                 "dtype": out.dtype,
