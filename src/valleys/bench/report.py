@@ -304,6 +304,8 @@ def _machines(sweep: T.Sweep) -> tuple[list, list]:
         e, v = r.env, r.env.get("versions", {})
         device = e.get("device", "?")
         hw = (e.get("cuda") or {}).get("name") or e.get("cpu") or "?"
+        if e.get("cores"):
+            hw += f", {e['cores']} cores"
         git = e.get("git") or {}
         commit = (git.get("commit") or "?")[:10] + (" (dirty)" if git.get("dirty") else "")
         row = (

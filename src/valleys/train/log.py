@@ -267,5 +267,18 @@ def env_info(device: torch.device) -> dict[str, Any]:
             "cudnn": torch.backends.cudnn.version(),
         }
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = _cpu_name()
+    info["cores"] = os.cpu_count()
     return info
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the processor or architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
