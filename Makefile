@@ -36,6 +36,7 @@ lint: $(STAMP)
 # benchmarks/RESULTS.md records for it (BENCH_ARGS_<script name>; none for most).
 BENCHMARKS := $(sort $(wildcard benchmarks/*.py))
 BENCH_ARGS_loader_overhead := --threads 1
+BENCH_ARGS_harness_overhead := --threads 1
 
 bench: $(STAMP)
 	@set -e; $(foreach b,$(BENCHMARKS),echo "== $(b)"; \
