@@ -45,6 +45,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "all_reduce_sum_",
+    "all_reduce_sum_count",
     "barrier",
     "broadcast_module_",
     "broadcast_object",
@@ -273,6 +274,18 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     if comm is not tensor:
         tensor.copy_(comm)
     return tensor
+
+
+def all_reduce_sum_count(tensors: Sequence[Tensor], count: int) -> tuple[list[Tensor], int]:
+    """``(Σ_r t_r for each tensor, Σ_r count_r)``: per-rank sums over samples and their sample
+    counts added up over the ranks (the count travels as float64 with the tensors); the inputs
+    themselves when there is no group."""
+    if not is_initialized():
+        return list(tensors), int(count)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    n = torch.tensor(float(count), dtype=torch.float64, device=device)
+    *summed, n = all_reduce_sum([*tensors, n])
+    return summed, round(float(n))
 
 
 def all_reduce_mean(tensors: Sequence[Tensor], weight: float = 1.0) -> list[Tensor]:

@@ -288,6 +288,8 @@ def test_without_a_group_everything_is_local():
     assert distributed.all_reduce_mean(t)[0] is t[0]
     assert distributed.all_reduce_sum(t)[1] is t[1]
     assert distributed.all_reduce_sum_(t[0]) is t[0]
+    summed, n = distributed.all_reduce_sum_count(t, 5)
+    assert summed[0] is t[0] and n == 5
     assert distributed.mean_reducer() is None
     assert distributed.broadcast_scalar(2.5) == 2.5
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}

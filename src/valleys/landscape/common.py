@@ -235,9 +235,7 @@ def _sum_over_ranks(
         else:
             total = [torch.zeros_like(v) for v in value]
     parts = [total] if isinstance(total, Tensor) else list(total)
-    count = torch.tensor(float(n), dtype=torch.float64, device=parts[0].device)
-    *summed, count = distributed.all_reduce_sum([*parts, count])
-    n = round(float(count))
+    summed, n = distributed.all_reduce_sum_count(parts, n)
     return (summed[0] if isinstance(total, Tensor) else summed), n
 
 

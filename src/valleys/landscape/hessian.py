@@ -139,9 +139,7 @@ class HessianOperator:
         if distributed.world_size() > 1:
             if total is None:  # no batch fell to this rank
                 total = [torch.zeros_like(p) for p in self.values]
-            n = torch.tensor(float(samples), dtype=torch.float64, device=self.device)
-            *total, n = distributed.all_reduce_sum([*total, n])
-            samples = round(float(n))
+            total, samples = distributed.all_reduce_sum_count(total, samples)
         if total is None or samples == 0:
             check.fail("batches", "empty", "the batches hold no samples")
         self.products += 1

@@ -210,9 +210,8 @@ def dense_hessian(
                         progress(done)
             samples += count
     if distributed.world_size() > 1:  # each rank summed its share of the batches
-        distributed.all_reduce_sum_(h)
-        (n,) = distributed.all_reduce_sum([torch.tensor([float(samples)], dtype=torch.float64)])
-        samples = round(float(n))
+        distributed.all_reduce_sum_(h)  # in place: no copy of the matrix
+        _, samples = distributed.all_reduce_sum_count([], samples)
     if samples == 0:
         check.fail("batches", "empty", "the batches hold no samples")
     h.div_(samples)
